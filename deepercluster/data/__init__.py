@@ -1,0 +1,1 @@
+"""Image sources, the shard stage, torch datasets and transforms."""

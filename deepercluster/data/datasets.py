@@ -1,0 +1,51 @@
+"""Torch datasets over the manifest: images are read by URI, so any fsspec store works."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from deepercluster.data.images import decode, read_bytes
+from deepercluster.data.transforms import TrainingView
+
+
+class ImageList(Dataset):
+    """Images in a fixed order, each through a deterministic transform (feature extraction)."""
+
+    def __init__(self, uris: Sequence[str], transform: Callable):
+        self.uris = list(uris)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(decode(read_bytes(self.uris[i])))
+
+
+class PseudoLabelled(Dataset):
+    """Training samples. Index ``(row, seed)`` pairs come from the sampler; the seed fixes the crop, the flip and
+    the rotation, so a sample depends on nothing but its position in the epoch.
+
+    Returns ``(image, super_class, sub_class)`` where ``super_class = super_cluster * n_rot + rotation``.
+    """
+
+    def __init__(self, uris: Sequence[str], super_ids: Sequence[int], sub_ids: Sequence[int], view: TrainingView,
+                 n_rotations: int):
+        self.uris = list(uris)
+        self.super_ids = torch.as_tensor(super_ids, dtype=torch.long)
+        self.sub_ids = torch.as_tensor(sub_ids, dtype=torch.long)
+        self.view = view
+        self.n_rotations = n_rotations
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        row, seed = item
+        rotation = seed % self.n_rotations
+        x = self.view(decode(read_bytes(self.uris[row])), seed=seed, rotation=rotation)
+        super_class = int(self.super_ids[row]) * self.n_rotations + rotation
+        return x, super_class, int(self.sub_ids[row])

@@ -1,0 +1,195 @@
+"""The run store: where every artifact of a run lives, atomic writes, and unit completion records.
+
+A run is one root, a local path or any fsspec URL (``s3://bucket/run``, ``memory://run``)::
+
+    <run>/config.yaml                      resolved config + hash
+    <run>/data/manifest.parquet            kept images; <run>/data/rejects.parquet: refused inputs
+    <run>/rounds/<r>/model.pt              body weights the round starts from
+    <run>/rounds/<r>/features.zarr         N x D float16, one zarr shard per image shard
+    <run>/rounds/<r>/clusters/             pca.npz, centroids, assignments.parquet, stats.json
+    <run>/rounds/<r>/train/                checkpoint.pt, final.pt, log.jsonl
+    <run>/rounds/<r>/eval/metrics.json
+    <run>/history.parquet
+
+Completion: when a unit of work (an image shard, a super-cluster, a checkpoint interval...) is whole, a small JSON
+record is written under ``<scope>/_done/<stage>/<unit>.json``. A stage skips the units that have one. Every file is
+written to a temporary name and renamed when whole, so a killed process leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+import fsspec
+import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
+
+from deepercluster.errors import StoreError
+
+DATA_STAGES = ("shard",)
+ROUND_STAGES = ("extract", "cluster", "train", "evaluate")
+STAGES = DATA_STAGES + ROUND_STAGES
+STAGE_DONE = "_stage"
+
+
+def round_dir(r: int) -> str:
+    return f"rounds/{r}"
+
+
+class RunStore:
+    """One run's artifacts, addressed by paths relative to the run root."""
+
+    def __init__(self, uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        uri = os.fspath(uri)
+        self.storage_options = storage_options or {}
+        self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = root.rstrip("/")
+        self.uri = os.path.abspath(uri) if self.is_local else uri.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.uri!r})"
+
+    def __reduce__(self):  # pickles as its URI: safe to send to Dask workers and subprocesses
+        return (RunStore, (self.uri, self.storage_options))
+
+    # ---- addressing -------------------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        """Path in the store's filesystem (what ``self.fs`` understands)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """Full URL (or absolute local path) for libraries that take one: zarr, pandas, torch."""
+        return f"{self.uri}/{rel}" if rel else self.uri
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def signature(self, rel: str) -> str:
+        """Changes whenever the file at ``rel`` is rewritten (size + modification stamp); for caches."""
+        info = self.fs.info(self.path(rel))
+        keys = ("size", "mtime", "ETag", "LastModified", "created")
+        return ";".join(f"{k}={info[k]}" for k in keys if k in info)
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names (not paths) directly under ``rel``; empty when it does not exist."""
+        p = self.path(rel)
+        if not self.fs.exists(p):
+            return []
+        return sorted(os.path.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False))
+
+    # ---- atomic writes and reads ------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to a temporary name beside ``rel`` then rename it: readers see all or nothing."""
+        final = self.path(rel)
+        parent = final.rsplit("/", 1)[0]
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(rel)} is missing: run the stage that makes it first") from None
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def write_parquet(self, rel: str, df: pd.DataFrame) -> None:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)), columns=columns)
+
+    def save_torch(self, rel: str, obj: Any) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def load_torch(self, rel: str) -> Any:
+        import torch
+
+        return torch.load(io.BytesIO(self.read_bytes(rel)), map_location="cpu", weights_only=True)
+
+    def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    # ---- completion records -----------------------------------------------------------------------------------
+    @staticmethod
+    def _scope(stage: str, r: int | None) -> str:
+        if stage in DATA_STAGES:
+            return "data"
+        if stage not in ROUND_STAGES:
+            raise StoreError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        if r is None:
+            raise StoreError(f"stage {stage!r} needs a round")
+        return round_dir(r)
+
+    def _record(self, stage: str, r: int | None, unit: str) -> str:
+        return f"{self._scope(stage, r)}/_done/{stage}/{unit}.json"
+
+    def mark_done(self, stage: str, r: int | None, unit: str, info: dict[str, Any] | None = None) -> None:
+        record = {"unit": unit, "finished_at": time.time(), "pid": os.getpid(), **(info or {})}
+        self.write_json(self._record(stage, r, unit), record)
+
+    def is_done(self, stage: str, r: int | None, unit: str) -> bool:
+        return self.exists(self._record(stage, r, unit))
+
+    def done_record(self, stage: str, r: int | None, unit: str) -> dict[str, Any] | None:
+        return self.read_json(self._record(stage, r, unit)) if self.is_done(stage, r, unit) else None
+
+    def done_units(self, stage: str, r: int | None) -> list[str]:
+        """Units of ``stage`` that have a completion record (the stage record excluded)."""
+        names = self.listdir(f"{self._scope(stage, r)}/_done/{stage}")
+        return [n[:-5] for n in names if n.endswith(".json") and n != f"{STAGE_DONE}.json"]
+
+    def stage_done(self, stage: str, r: int | None) -> bool:
+        return self.is_done(stage, r, STAGE_DONE)
+
+    def mark_stage_done(self, stage: str, r: int | None, info: dict[str, Any] | None = None) -> None:
+        self.mark_done(stage, r, STAGE_DONE, info)
+
+    def reset_stage(self, stage: str, r: int | None) -> None:
+        """Forget every completion record of a stage (``--force``): its units will be recomputed."""
+        self.remove(f"{self._scope(stage, r)}/_done/{stage}")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot serialise {type(o).__name__}")

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from prefect import task
+
+from deepercluster import features
+from deepercluster.run import open_run
+
+
+@task(name="prepare-extract")
+def prepare_extract(run: str, r: int, force: bool = False) -> list[int]:
+    store, cfg = open_run(run)
+    return features.prepare_extract(store, cfg, r, force=force)
+
+
+@task(name="extract-shard", retries=2, retry_delay_seconds=2)
+def extract_shard(run: str, r: int, shard: int) -> int:
+    store, cfg = open_run(run)
+    return features.extract_shard(store, cfg, r, shard)
+
+
+@task(name="finalize-extract")
+def finalize_extract(run: str, r: int) -> dict[str, int]:
+    store, _ = open_run(run)
+    return features.finalize_extract(store, r)

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from deepercluster.errors import StoreError
+from deepercluster.store import RunStore
+
+
+@pytest.mark.parametrize("uri", ["local", "memory://runs/test-store"])
+def test_atomic_writes_and_completion_records(tmp_path: Path, uri: str):
+    store = RunStore(tmp_path / "run" if uri == "local" else uri)
+    store.write_json("rounds/0/x.json", {"a": 1})
+    store.write_parquet("data/t.parquet", pd.DataFrame({"v": [1, 2]}))
+    assert store.read_json("rounds/0/x.json") == {"a": 1}
+    assert store.read_parquet("data/t.parquet")["v"].tolist() == [1, 2]
+    assert not [n for n in store.listdir("rounds/0") if n.startswith(".tmp")]
+
+    assert not store.is_done("extract", 0, "shard-00000")
+    store.mark_done("extract", 0, "shard-00000", {"rows": [0, 5]})
+    store.mark_done("extract", 0, "shard-00001")
+    assert store.done_units("extract", 0) == ["shard-00000", "shard-00001"]
+    assert store.done_record("extract", 0, "shard-00000")["rows"] == [0, 5]
+    assert not store.stage_done("extract", 0)
+    store.mark_stage_done("extract", 0)
+    assert store.stage_done("extract", 0) and store.done_units("extract", 0) == ["shard-00000", "shard-00001"]
+    assert not store.is_done("extract", 1, "shard-00000")  # rounds are separate
+
+    store.reset_stage("extract", 0)
+    assert store.done_units("extract", 0) == [] and not store.stage_done("extract", 0)
+    if uri != "local":
+        store.remove("")
+
+
+def test_missing_artifact_and_unknown_stage_are_clear(tmp_path: Path):
+    store = RunStore(tmp_path)
+    with pytest.raises(StoreError, match="missing"):
+        store.read_json("rounds/0/nothing.json")
+    with pytest.raises(StoreError, match="unknown stage"):
+        store.is_done("polish", 0, "u")
+
+
+def test_store_pickles_as_its_uri(tmp_path: Path):
+    import pickle
+
+    store = RunStore(tmp_path)
+    assert pickle.loads(pickle.dumps(store)).uri == store.uri
