@@ -125,26 +125,33 @@ def completion_table(store: RunStore, rounds: int) -> Table:
     return table
 
 
+HISTORY_COLUMNS = {  # column -> (title, format)
+    "round": ("round", "{:.0f}"),
+    "nmi_labels": ("NMI labels", "{:.3f}"),
+    "ari_labels": ("ARI labels", "{:.3f}"),
+    "kmeans_nmi_labels": ("k-means NMI", "{:.3f}"),
+    "nmi_prev": ("NMI prev", "{:.3f}"),
+    "non_empty": ("clusters", "{:.0f}"),
+    "size_min": ("min size", "{:.0f}"),
+    "size_max": ("max size", "{:.0f}"),
+    "train_loss": ("loss", "{:.3f}"),
+    "train_acc_super": ("acc super", "{:.3f}"),
+    "train_acc_sub": ("acc sub", "{:.3f}"),
+}
+
+
 def history_table(store: RunStore) -> Table:
     from deepercluster.evaluation.stage import load_history
 
     history = load_history(store)
-    table = Table(title="per-round metrics")
-    columns = [c for c in ("round", "nmi_labels", "ari_labels", "kmeans_nmi_labels", "nmi_prev", "non_empty",
-                           "size_min", "size_max", "train_loss", "train_acc_super", "train_acc_sub")
-               if c in history.columns]
+    columns = [c for c in HISTORY_COLUMNS if c in history.columns]
+    table = Table(title="per-round metrics (NMI/ARI of the pseudo-labels vs labels; k-means NMI: k = classes)")
     for c in columns:
-        table.add_column(c, justify="right")
-    for row in history.itertuples(index=False):
-        values = row._asdict()
-        table.add_row(*[_fmt(values[c]) for c in columns])
+        table.add_column(HISTORY_COLUMNS[c][0], justify="right")
+    for _, row in history.iterrows():
+        table.add_row(*["-" if row[c] != row[c] or row[c] is None else HISTORY_COLUMNS[c][1].format(row[c])
+                        for c in columns])
     return table
-
-
-def _fmt(v: object) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def main() -> None:  # pragma: no cover

@@ -4,6 +4,8 @@ cluster-size statistics, training figures -> ``rounds/<r>/eval/metrics.json`` an
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -23,10 +25,18 @@ def metrics_rel(r: int) -> str:
 
 
 def _train_summary(store: RunStore, r: int) -> dict[str, float]:
+    """Loss and accuracies of the round's last training iteration, and the training throughput."""
     rec = store.done_record("train", r, "_stage")
     if not rec:
         return {}
-    return {k: rec[k] for k in ("loss", "acc_super", "acc_sub", "images_per_s") if k in rec}
+    out = {"images_per_s": rec.get("images_per_s")}
+    log = f"{round_dir(r)}/train/log.jsonl"
+    if store.exists(log):
+        lines = store.read_text(log).strip().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            out.update({k: last[k] for k in ("loss", "acc_super", "acc_sub") if k in last})
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict:

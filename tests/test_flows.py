@@ -1,0 +1,67 @@
+"""The Prefect flows against a real Prefect test server and a real Dask LocalCluster."""
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+from deepercluster.clustering.stage import load_assignments
+from deepercluster.config import build_config
+from deepercluster.evaluation.stage import load_history
+from deepercluster.run import init_run
+from deepercluster.store import ROUND_STAGES, RunStore
+
+pytestmark = pytest.mark.slow
+
+
+def _records(store: RunStore, stage: str, r: int) -> dict:
+    return {u: store.done_record(stage, r, u) for u in [*store.done_units(stage, r), "_stage"]}
+
+
+def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, digits_dir: Path, dask_address):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import pipeline_flow
+    from flows.stages import cluster_flow
+
+    run = str(tmp_path / "run")
+    metrics = pipeline_flow(run, config=tiny_overrides(digits_dir), dask_address=dask_address)
+    store = RunStore(run)
+    assert [m["round"] for m in metrics] == [0, 1]
+    for r in (0, 1):
+        for stage in ROUND_STAGES:
+            assert store.stage_done(stage, r), (stage, r)
+        for rel in ("model.pt", "features.zarr/zarr.json", "clusters/assignments.parquet", "clusters/stats.json",
+                    "clusters/pca.npz", "train/final.pt", "eval/metrics.json"):
+            assert store.exists(f"rounds/{r}/{rel}"), rel
+    assert store.exists("rounds/2/model.pt")  # what a third round would start from
+    history = load_history(store)
+    assert history["round"].tolist() == [0, 1]
+    assert history["nmi_labels"].between(0, 1).all() and history["nmi_prev"].notna().tolist() == [False, True]
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+        assert any(a.key == "deepercluster-history" for a in artifact)
+
+    # rerunning one stage recomputes only that stage
+    untouched = {(s, r): _records(store, s, r) for s in ROUND_STAGES for r in (0, 1) if (s, r) != ("cluster", 1)}
+    before = store.done_record("cluster", 1, "_stage")
+    cluster_flow(run, 1, force=True, dask_address=dask_address)
+    assert store.done_record("cluster", 1, "_stage")["finished_at"] > before["finished_at"]
+    assert {k: _records(store, *k) for k in untouched} == untouched
+    assert load_assignments(store, 1)["target"].between(0, 9).all()
+
+    # a rerun of the whole flow finds everything done and changes nothing
+    again = pipeline_flow(run, dask_address=dask_address)
+    assert [m["round"] for m in again] == [0, 1]
+    assert {k: _records(store, *k) for k in untouched} == untouched
+
+
+def test_flow_refuses_a_changed_config(tmp_path: Path, digits_dir: Path, dask_address):
+    from deepercluster.errors import ConfigError
+    from flows.pipeline import pipeline_flow
+
+    run = tmp_path / "run"
+    init_run(RunStore(run), build_config(tiny_overrides(digits_dir)))
+    with pytest.raises(ConfigError, match="another config"):
+        pipeline_flow(str(run), config=tiny_overrides(digits_dir, cluster={"k": 4}), dask_address=dask_address)
