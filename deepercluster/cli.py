@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,9 +36,9 @@ def _prefect_env() -> None:
 
 @app.command()
 def run(
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (default: the preset's)"),
-    run_dir: str | None = typer.Option(None, "--run", "-r", help="run store (path or URL); default runs/<method>-<hash>"),
-    method: str | None = typer.Option(None, "--method", "-m", help=f"preset: {', '.join(PRESETS)}"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: the preset's)")] = None,
+    run_dir: Annotated[str | None, typer.Option("--run", "-r", help="run store (path or URL)")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"preset: {', '.join(PRESETS)}")] = None,
 ) -> None:
     """Run (or resume) the whole pipeline: shard, then extract -> cluster -> train -> evaluate per round."""
     from deepercluster.run import default_run_dir, init_run
@@ -62,10 +63,10 @@ def run(
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help=f"one of {', '.join(STAGES)}"),
-    run_dir: str = typer.Option(..., "--run", "-r", help="run store (path or URL)"),
-    round_: int = typer.Option(0, "--round", help="round (ignored by shard)"),
-    force: bool = typer.Option(False, "--force", help="recompute even the units already done"),
+    name: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGES)}")],
+    run_dir: Annotated[str, typer.Option("--run", "-r", help="run store (path or URL)")],
+    round_: Annotated[int, typer.Option("--round", help="round (ignored by shard)")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="recompute even the units already done")] = False,
 ) -> None:
     """Run (or rerun with --force) one stage of an existing run."""
     from deepercluster.run import open_run
@@ -86,11 +87,12 @@ def stage(
             store.uri, round_, force=force)
     except DeeperClusterError as err:
         _fail(err)
-    console.print(f"{name} done: {result}")
+    summary = {k: v for k, v in result.items() if isinstance(v, int | float | str) and k not in ("unit", "pid")}
+    console.print(f"{name} done: {summary}")
 
 
 @app.command()
-def inspect(run_dir: str = typer.Argument(..., help="run store (path or URL)")) -> None:
+def inspect(run_dir: Annotated[str, typer.Argument(help="run store (path or URL)")]) -> None:
     """Per-round metrics and per-stage completion of a run."""
     from deepercluster.run import open_run
 

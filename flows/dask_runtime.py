@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,14 +15,16 @@ from deepercluster.config import RuntimeConfig
 
 @contextmanager
 def dask_scheduler(runtime: RuntimeConfig, address: str | None = None) -> Iterator[str]:
-    """Yield a scheduler address: ``address``, else ``runtime.dask_address``, else a new LocalCluster's."""
-    address = address or runtime.dask_address
+    """Yield a scheduler address: ``address``, else ``runtime.dask_address``, else ``$DEEPERCLUSTER_DASK_ADDRESS``,
+    else a new LocalCluster's (stopped on exit)."""
+    address = address or runtime.dask_address or os.environ.get("DEEPERCLUSTER_DASK_ADDRESS")
     if address:
         yield address
         return
     from distributed import LocalCluster
 
     # Workers must report to this process's Prefect server: without its URL each would start a temporary one.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     env = {"PREFECT_API_URL": prefect_api_url(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     with LocalCluster(n_workers=runtime.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.WARNING, env=env) as cluster:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -35,8 +36,8 @@ class PseudoLabelled(Dataset):
     def __init__(self, uris: Sequence[str], super_ids: Sequence[int], sub_ids: Sequence[int], view: TrainingView,
                  n_rotations: int):
         self.uris = list(uris)
-        self.super_ids = torch.as_tensor(super_ids, dtype=torch.long)
-        self.sub_ids = torch.as_tensor(sub_ids, dtype=torch.long)
+        self.super_ids = torch.tensor(np.asarray(super_ids), dtype=torch.long)  # a copy: inputs may be read-only
+        self.sub_ids = torch.tensor(np.asarray(sub_ids), dtype=torch.long)
         self.view = view
         self.n_rotations = n_rotations
 

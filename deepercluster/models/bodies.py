@@ -14,6 +14,7 @@ from deepercluster.config import ModelConfig
 from deepercluster.errors import ConfigError
 from deepercluster.models.sobel import Sobel
 
+
 class Body(nn.Module):
     """Optional Sobel, a trunk, and a feature layer of width ``feature_dim``."""
 

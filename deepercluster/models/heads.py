@@ -20,7 +20,9 @@ class HierarchicalHeads(nn.Module):
         if self.sub_weight is not None:
             nn.init.normal_(self.sub_weight, std=0.01)  # DeepCluster's top-layer init
 
-    def forward(self, feats: torch.Tensor, super_class: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self, feats: torch.Tensor, super_class: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Super-class logits and, for each sample, the logits of its own super-class's sub-head."""
         h = torch.relu(feats)
         super_logits = self.super_head(h) if self.super_head is not None else None

@@ -1,0 +1,124 @@
+"""Training checkpoints, the training log and the stage's final outputs, all written atomically by rank 0.
+
+``rounds/<r>/train/checkpoint.pt`` holds everything needed to continue bitwise where it stopped: body, heads,
+optimizer, the position of the next iteration (epoch, iteration in epoch, global step) and every rank's RNG states.
+Each checkpoint is followed by the completion record ``iter-<step>``. The log (one JSON row per iteration) is
+rewritten whole just before each checkpoint, so on resume its rows up to the checkpoint's step are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deepercluster.config import PipelineConfig
+from deepercluster.features import model_rel
+from deepercluster.store import RunStore, round_dir
+from deepercluster.training.errors import TrainError
+
+STAGE = "train"
+
+
+def train_rel(r: int) -> str:
+    return f"{round_dir(r)}/train"
+
+
+def checkpoint_rel(r: int) -> str:
+    return f"{train_rel(r)}/checkpoint.pt"
+
+
+def final_rel(r: int) -> str:
+    return f"{train_rel(r)}/final.pt"
+
+
+def log_rel(r: int) -> str:
+    return f"{train_rel(r)}/log.jsonl"
+
+
+def unit_name(step: int) -> str:
+    return f"iter-{step:06d}"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training goes on: the next iteration is ``iteration`` (0-based) of ``epoch``; ``step`` are done."""
+
+    epoch: int = 0
+    iteration: int = 0
+    step: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states: CPU, and the current CUDA device's when there is one."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_log(store: RunStore, r: int, rows: list[dict[str, Any]]) -> None:
+    store.write_text(log_rel(r), "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_log(store: RunStore, r: int, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the log (those with ``step <= upto_step`` when given); empty when there is no log."""
+    if not store.exists(log_rel(r)):
+        return []
+    rows = [json.loads(line) for line in store.read_text(log_rel(r)).splitlines() if line.strip()]
+    return [row for row in rows if upto_step is None or row["step"] <= upto_step]
+
+
+def save_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, state: dict[str, Any], pos: Position,
+                    rng_states: list[dict[str, Any]], log_rows: list[dict[str, Any]]) -> None:
+    """Log, then checkpoint, then the ``iter-<step>`` record. ``state``: body, heads and optimizer state dicts."""
+    write_log(store, r, log_rows)
+    store.save_torch(checkpoint_rel(r), {
+        **state,
+        "epoch": pos.epoch, "iteration": pos.iteration, "step": pos.step,
+        "rng": rng_states, "world_size": len(rng_states), "config_hash": cfg.hash,
+    })
+    store.mark_done(STAGE, r, unit_name(pos.step), {"epoch": pos.epoch, "iteration": pos.iteration})
+
+
+def load_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, world_size: int) -> dict[str, Any] | None:
+    """The round's checkpoint, or None; refuses one from another config or another number of ranks."""
+    if not store.exists(checkpoint_rel(r)):
+        return None
+    ckpt = store.load_torch(checkpoint_rel(r))
+    if ckpt["config_hash"] != cfg.hash:
+        raise TrainError(f"{store.url(checkpoint_rel(r))} was written with another config ({ckpt['config_hash']}, "
+                         f"now {cfg.hash}): rerun the train stage with force")
+    if ckpt["world_size"] != world_size:
+        raise TrainError(f"{store.url(checkpoint_rel(r))} was written by {ckpt['world_size']} ranks, not "
+                         f"{world_size}: resume with train.nproc={ckpt['world_size']} or rerun with force")
+    return ckpt
+
+
+def position(ckpt: dict[str, Any] | None) -> Position:
+    return Position() if ckpt is None else Position(ckpt["epoch"], ckpt["iteration"], ckpt["step"])
+
+
+def save_final(store: RunStore, r: int, cfg: PipelineConfig, body: dict[str, torch.Tensor],
+               heads: dict[str, torch.Tensor], log_rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
+    """``final.pt`` (body + heads), the next round's ``model.pt``, the log, then the stage's completion record."""
+    store.save_torch(final_rel(r), {"body": body, "heads": heads, "arch": cfg.model.arch, "round": r,
+                                    "config_hash": cfg.hash})
+    store.save_torch(model_rel(r + 1), {"body": body, "arch": cfg.model.arch, "round": r + 1})
+    write_log(store, r, log_rows)
+    store.mark_stage_done(STAGE, r, info)
+
+
+def reset_train(store: RunStore, r: int) -> None:
+    """Forget round ``r``'s training: records, checkpoint, log, final weights and the next round's model."""
+    store.reset_stage(STAGE, r)
+    store.remove(train_rel(r))
+    store.remove(model_rel(r + 1))

@@ -1,0 +1,130 @@
+"""Launching the train stage: checks its inputs, then runs torchrun over ``deepercluster.training.worker`` as a
+real subprocess and turns a failure into a :class:`TrainError` carrying the end of its output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import torch
+
+from deepercluster.config import PipelineConfig
+from deepercluster.device import resolve_device
+from deepercluster.run import load_run_config
+from deepercluster.store import RunStore
+from deepercluster.training.checkpoint import STAGE, reset_train
+from deepercluster.training.errors import ERROR_PREFIX, TrainError
+from deepercluster.training.inputs import check_inputs, load_pseudo_labels
+from deepercluster.training.sampler import samples_per_rank
+
+__all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "run_train_stage", "train_command", "train_env"]
+TAIL_LINES = 30
+STOP_TIMEOUT_S = 30
+
+
+def train_command(run_uri: str, r: int, nproc: int) -> list[str]:
+    """The torchrun command line that trains round ``r`` of the run at ``run_uri`` on this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+            "-m", "deepercluster.training.worker", "--run-uri", run_uri, "--round", str(r)]
+
+
+def cpu_threads_per_rank(nproc: int) -> int:
+    """CPU threads each of ``nproc`` ranks may use without oversubscribing this machine's cores (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // nproc)
+
+
+def train_env(cfg: PipelineConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for :func:`train_command`: on CPU, OpenMP threads = cores // nproc (1 on a 2-core machine
+    with 2 ranks); the worker sets torch's intra-op threads to the same number."""
+    env = dict(os.environ if base is None else base)
+    if resolve_device(cfg.runtime.device).type == "cpu":
+        env["OMP_NUM_THREADS"] = str(cpu_threads_per_rank(cfg.train.nproc))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def check_train_inputs(store: RunStore, cfg: PipelineConfig, r: int) -> int:
+    """Raise a one-line error when round ``r`` cannot be trained; return the number of images."""
+    run_cfg = load_run_config(store)
+    if run_cfg.hash != cfg.hash:
+        raise TrainError(f"train round {r}: the config given (hash {cfg.hash}) is not the run's ({run_cfg.hash}); "
+                         "the ranks train with the run's config.yaml")
+    check_inputs(store, r)
+    n = len(load_pseudo_labels(store, cfg, r))
+    if samples_per_rank(n, cfg.train.nproc, cfg.train.batch_size) == 0:
+        raise TrainError(f"train round {r}: {n} images make no whole global batch of {cfg.train.nproc} ranks x "
+                         f"{cfg.train.batch_size}: lower train.batch_size or train.nproc")
+    if resolve_device(cfg.runtime.device).type == "cuda" and cfg.train.nproc > torch.cuda.device_count():
+        raise TrainError(f"train.nproc is {cfg.train.nproc} but only {torch.cuda.device_count()} GPUs are visible: "
+                         "lower train.nproc")
+    if cfg.cluster.super_clusters == 1 and cfg.cluster.k == 1 and not cfg.train.rotations:
+        raise TrainError("nothing to learn: one super-class and one sub-cluster (raise cluster.k or train.rotations)")
+    return n
+
+
+class _Output:
+    """The end of the workers' stderr, and every line a rank wrote to report an error (those come first)."""
+
+    def __init__(self) -> None:
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.errors: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.tail.append(line)
+        if ERROR_PREFIX in line and len(self.errors) < TAIL_LINES:
+            self.errors.append(line)
+
+    def detail(self) -> str:
+        return "\n".join(self.errors or self.tail)
+
+
+def _pump(stream: TextIO, sink: Callable[[str], None], keep: Callable[[str], None] | None) -> None:
+    for raw in stream:
+        line = raw.rstrip("\n")
+        sink(line)
+        if keep is not None:
+            keep(line)
+
+
+def run_train_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False,
+                    on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train round ``r`` (resuming from its checkpoint when there is one); skipped when done unless ``force``.
+
+    Output lines of the workers go to ``on_line`` (default: this process's stdout/stderr). Returns the stage
+    record: steps, final_loss, images_per_s, ...
+    """
+    if not force and store.stage_done(STAGE, r):
+        return store.done_record(STAGE, r, "_stage")
+    check_train_inputs(store, cfg, r)
+    if force:
+        reset_train(store, r)
+    output = _Output()
+    proc = subprocess.Popen(train_command(store.uri, r, cfg.train.nproc), env=train_env(cfg), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    out_sink = on_line or (lambda s: print(s, flush=True))
+    err_sink = on_line or (lambda s: print(s, file=sys.stderr, flush=True))
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out_sink, None), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, err_sink, output.add), daemon=True)]
+    for t in pumps:
+        t.start()
+    try:
+        rc = proc.wait()
+    except BaseException:  # interrupted or cancelled: let torchrun stop its ranks, then make sure
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    for t in pumps:
+        t.join()
+    if rc != 0 or not store.stage_done(STAGE, r):
+        raise TrainError(f"train stage of round {r} failed (torchrun exit {rc}):\n{output.detail()}")
+    return store.done_record(STAGE, r, "_stage")
