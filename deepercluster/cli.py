@@ -16,7 +16,7 @@ from rich.table import Table
 
 from deepercluster.config import PRESETS, load_config
 from deepercluster.errors import DeeperClusterError
-from deepercluster.store import ROUND_STAGES, STAGES, RunStore
+from deepercluster.store import ROUND_STAGES, STAGES, RunStore, export_storage_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Unsupervised image features by clustering: DeepCluster, RotNet, DeeperCluster.")
@@ -45,6 +45,7 @@ def run(
 
     try:
         cfg = load_config(config, method=method)
+        export_storage_options(cfg.runtime.storage_options)  # for this process and the workers it starts
         store = RunStore(run_dir or default_run_dir(cfg))
         init_run(store, cfg)
     except DeeperClusterError as err:
@@ -54,7 +55,12 @@ def run(
     from flows.pipeline import pipeline_flow
 
     try:
-        pipeline_flow(store.uri)
+        if cfg.method == "clusterfit":
+            from flows.clusterfit import clusterfit_flow
+
+            console.print(clusterfit_flow(store.uri))
+        else:
+            pipeline_flow(store.uri)
     except DeeperClusterError as err:
         _fail(err)
     console.print(history_table(store))
@@ -92,8 +98,19 @@ def stage(
 
 
 @app.command()
-def inspect(run_dir: Annotated[str, typer.Argument(help="run store (path or URL)")]) -> None:
-    """Per-round metrics and per-stage completion of a run."""
+def inspect(
+    run_dir: Annotated[str, typer.Argument(help="run store (path or URL)")],
+    shards: Annotated[bool, typer.Option("--shards", help="images per shard, rejects, sample rows")] = False,
+    galleries: Annotated[int, typer.Option("--galleries", min=0, help="clusters to draw a gallery PNG of")] = 8,
+    features: Annotated[bool, typer.Option("--features", help="the round's features: shape, dtype, completed "
+                                                              "shards, norms, nearest neighbours of --image")] = False,
+    round_: Annotated[int, typer.Option("--round", min=0, help="round (with --features)")] = 0,
+    image: Annotated[int, typer.Option("--image", min=0, help="image id whose nearest neighbours are drawn")] = 0,
+    neighbours: Annotated[int, typer.Option("--neighbours", min=1, help="nearest neighbours to draw")] = 8,
+    png: Annotated[Path | None, typer.Option("--png", help="neighbour grid PNG (default: into the run)")] = None,
+) -> None:
+    """Per-round metrics, per-stage completion, cluster sizes (largest and smallest clusters) of the last clustered
+    round, a gallery PNG per sampled cluster and a plot of the metrics over rounds (written into the run)."""
     from deepercluster.run import open_run
 
     try:
@@ -101,8 +118,111 @@ def inspect(run_dir: Annotated[str, typer.Argument(help="run store (path or URL)
     except DeeperClusterError as err:
         _fail(err)
     console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  config={cfg.hash}")
+    if shards:
+        print_shards(store)
+        return
+    if features:
+        print_features(store, round_, image, neighbours, png)
+        return
     console.print(completion_table(store, cfg.rounds))
     console.print(history_table(store))
+    print_clusters(store, cfg.rounds, cfg.cluster.n_targets, galleries)
+
+
+def print_features(store: RunStore, r: int, image: int, k: int, png: Path | None) -> None:
+    """Shape, dtype, completed shards and norm statistics of round ``r``'s features, and the nearest neighbours of
+    one image as a PNG grid (into the run at ``rounds/<r>/eval/neighbours-<image>.png``, or ``png``)."""
+    from deepercluster.features.inspect import feature_summary, nearest_neighbours, neighbour_grid
+
+    try:
+        info = feature_summary(store, r)
+        nn = nearest_neighbours(store, r, image, k)
+        grid = neighbour_grid(store, image, nn)
+    except DeeperClusterError as err:
+        _fail(err)
+    state = "complete" if info["stage_done"] else "in progress"
+    console.print(f"features round {r}: {info['url']}  shape={info['shape']}  dtype={info['dtype']}  "
+                  f"layer={info['layer']}  shards {info['shards_done']}/{info['shards']} done ({state})")
+    console.print(f"L2 norms of {info['rows_checked']} rows: min {info['norm_min']:.4g}  mean {info['norm_mean']:.4g}"
+                  f"  max {info['norm_max']:.4g}  std {info['norm_std']:.4g}  zero rows {info['zero_rows']}  "
+                  f"non-finite rows {info['non_finite_rows']}")
+    table = Table(title=f"nearest neighbours of image {image} (cosine)")
+    table.add_column("image_id", justify="right")
+    table.add_column("similarity", justify="right")
+    for i, sim in nn:
+        table.add_row(str(i), f"{sim:.4f}")
+    console.print(table)
+    if png is None:
+        rel = f"rounds/{r}/eval/neighbours-{image:06d}.png"
+        store.write_bytes(rel, grid)
+        console.print(f"neighbour grid: {store.url(rel)}")
+    else:
+        png.write_bytes(grid)
+        console.print(f"neighbour grid: {png}")
+
+
+def print_clusters(store: RunStore, rounds: int, n_targets: int, galleries: int, r: int | None = None) -> None:
+    """Cluster sizes of round ``r`` (default: the last clustered one), its largest and smallest clusters, and where
+    the galleries and the metrics plot were written."""
+    from deepercluster.inspection import inspect_round, last_clustered_round
+
+    r = last_clustered_round(store, rounds) if r is None else r
+    if r is None:
+        console.print("clusters: no round clustered yet")
+        return
+    try:
+        result = inspect_round(store, r, n_targets=n_targets, galleries=galleries)
+    except (DeeperClusterError, OSError) as err:
+        _fail(err)
+    sizes = result.sizes[result.sizes["size"] > 0]["size"]
+    console.print(f"round {r}: {len(sizes)} non-empty clusters of {len(result.sizes)} ({result.empty} empty), sizes "
+                  f"min {sizes.min()} / median {sizes.median():.0f} / max {sizes.max()}")
+    for title, frame in (("largest clusters", result.top), ("smallest clusters", result.bottom)):
+        table = Table(title=f"round {r}: {title}")
+        columns = [c for c in ("target", "super", "sub", "size", "top_label", "purity") if c in frame.columns]
+        for c in columns:
+            table.add_column(c, justify="right")
+        for rec in frame[columns].to_dict("records"):
+            table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in rec.values()])
+        console.print(table)
+    if result.galleries:
+        console.print(f"galleries ({len(result.galleries)}): {store.url(f'rounds/{r}/eval/gallery')}/")
+    if result.metrics_plot:
+        console.print(f"metrics over rounds: {store.url(result.metrics_plot)}")
+
+
+def print_shards(store: RunStore, head: int = 10) -> None:
+    """The shard stage's output: rows per shard (the first and last ``head``), rejects per reason, sample rows."""
+    from deepercluster.data.shard import MANIFEST, shard_summary
+
+    if not store.exists(MANIFEST):
+        _fail(DeeperClusterError(f"{store.url(MANIFEST)} is missing: run `deepercluster stage shard` first"))
+    summary = shard_summary(store)
+    per_shard = summary["per_shard"]
+    console.print(f"{summary['images']} images in {len(per_shard)} shards, {sum(summary['reasons'].values())} "
+                  "rejects")
+    table = Table(title="images per shard")
+    table.add_column("shard", justify="right")
+    table.add_column("images", justify="right")
+    keys = sorted(per_shard)
+    shown = keys if len(keys) <= 2 * head else keys[:head] + [None] + keys[-head:]
+    for k in shown:
+        table.add_row("..." if k is None else str(k), "..." if k is None else str(per_shard[k]))
+    console.print(table)
+    table = Table(title="rejects per reason")
+    table.add_column("reason")
+    table.add_column("count", justify="right")
+    for reason, count in summary["reasons"].items():
+        table.add_row(reason, str(count))
+    console.print(table)
+    sample = summary["sample"]
+    table = Table(title="sample rows")
+    columns = [c for c in sample.columns if c != "sha256"]
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for _, row in sample.iterrows():
+        table.add_row(*[str(row[c]) for c in columns])
+    console.print(table)
 
 
 def completion_table(store: RunStore, rounds: int) -> Table:
@@ -132,6 +252,8 @@ HISTORY_COLUMNS = {  # column -> (title, format)
     "nmi_labels": ("NMI labels", "{:.3f}"),
     "ari_labels": ("ARI labels", "{:.3f}"),
     "kmeans_nmi_labels": ("k-means NMI", "{:.3f}"),
+    "probe_acc": ("linear probe", "{:.3f}"),
+    "knn_acc": ("kNN", "{:.3f}"),
     "nmi_prev": ("NMI prev", "{:.3f}"),
     "non_empty": ("clusters", "{:.0f}"),
     "size_min": ("min size", "{:.0f}"),
@@ -147,7 +269,8 @@ def history_table(store: RunStore) -> Table:
 
     history = load_history(store)
     columns = [c for c in HISTORY_COLUMNS if c in history.columns]
-    table = Table(title="per-round metrics (NMI/ARI of the pseudo-labels vs labels; k-means NMI: k = classes)")
+    table = Table(title="per-round metrics (NMI/ARI of the pseudo-labels vs labels; k-means NMI: k = classes; "
+                  "linear probe / kNN: accuracy on held-out labelled images)")
     for c in columns:
         table.add_column(HISTORY_COLUMNS[c][0], justify="right")
     for _, row in history.iterrows():

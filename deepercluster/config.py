@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deepercluster.errors import ConfigError
 
-Method = Literal["deepcluster", "rotnet", "deepercluster"]
+Method = Literal["deepcluster", "rotnet", "deepercluster", "clusterfit"]
 Arch = Literal["smallnet", "alexnet", "vgg16", "resnet18", "resnet50"]
+SourceKind = Literal["auto", "folder", "list", "yfcc100m", "webdataset"]
 BUNDLED_SOURCES = {"digits": 1797}
 MIN_IMAGE_SIZE = {"smallnet": 8, "alexnet": 64, "vgg16": 32, "resnet18": 32, "resnet50": 32}
 
@@ -30,21 +31,47 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("digits", description="'digits' (bundled) or an image folder (path or fsspec URL)")
+    source: str = Field("digits", description="'digits' (bundled), an image folder, a file list (txt/csv/parquet), a "
+                        "YFCC100M metadata file or webdataset tars (a path or any fsspec URL)")
+    kind: SourceKind = Field("auto", description="how to read `source`; auto: a folder, a list by suffix, .tar")
     limit: int | None = Field(None, ge=1, description="use only the first N images of the sorted listing")
     shard_size: int = Field(256, ge=1, description="images per shard: the unit of extraction and of zarr writes")
     image_size: int = Field(32, ge=8, description="side of the square network input")
     crop_ratio: float = Field(1.0, gt=0, le=1, description="clustering view: resize to size/ratio, centre crop")
     max_pixels: int = Field(89_478_485, ge=1, description="images above this pixel count are rejected")
+    min_side: int = Field(1, ge=1, description="images whose shorter side is below this are rejected")
+    label_column: str = Field("label", description="file list: the column (csv/parquet) holding an optional label")
+    path_template: str | None = Field(None, description="yfcc100m: image location of a photo, e.g. "
+                                      "'s3://bucket/{hash[:3]}/{hash[3:6]}/{hash}.jpg' or '/mirror/{id}.jpg'")
+    id_list: str | None = Field(None, description="yfcc100m: keep only these photo ids (.npy, .txt or .parquet)")
+    part_size: int = Field(512, ge=1, description="listing rows per scan task (the shard stage's unit of work)")
 
     @field_validator("source")
     @classmethod
     def _source_exists(cls, v: str) -> str:
         if v in BUNDLED_SOURCES or "://" in v:
             return v
-        if not Path(v).expanduser().is_dir():
-            raise ValueError(f"image folder {v!r} does not exist (give a folder of images or 'digits')")
-        return str(Path(v).expanduser().resolve())
+        path = Path(v).expanduser()
+        if "{" in v:  # a brace pattern of webdataset tars: its folder must exist
+            if not path.parent.is_dir():
+                raise ValueError(f"folder of {v!r} does not exist")
+            return str(path.parent.resolve() / path.name)
+        if not path.exists():
+            raise ValueError(f"data source {v!r} does not exist (give an image folder, a file list, a YFCC100M "
+                             "metadata file, webdataset tars or 'digits')")
+        return str(path.resolve())
+
+    @model_validator(mode="after")
+    def _yfcc_needs_a_template(self) -> DataConfig:
+        if self.kind == "yfcc100m":
+            from deepercluster.data.yfcc import check_template
+
+            if not self.path_template:
+                raise ValueError("data.kind yfcc100m needs data.path_template (where each photo's image lies)")
+            check_template(self.path_template)
+        elif self.path_template or self.id_list:
+            raise ValueError("data.path_template and data.id_list apply only to data.kind: yfcc100m")
+        return self
 
     def expected_images(self) -> int | None:
         """Number of images the source holds, when it is known before listing it."""
@@ -63,6 +90,12 @@ class ModelConfig(_Section):
 
 class ExtractConfig(_Section):
     batch_size: int = Field(256, ge=1)
+    layer: str = Field("output", description="'output' (the body's feature layer: fc7 pre-ReLU for VGG/AlexNet, "
+                       "pooled last conv for ResNet) or a module of the body, e.g. 'trunk.layer3' (conv maps are "
+                       "average-pooled)")
+    decode_threads: int = Field(2, ge=1, description="threads decoding images ahead of the forward pass")
+    prefetch_batches: int = Field(2, ge=1, description="batches decoding ahead of the forward pass (>= threads)")
+    autocast: Literal["bfloat16", "float16", "off"] = Field("bfloat16", description="CUDA autocast (CPU: float32)")
 
 
 class ClusterConfig(_Section):
@@ -72,6 +105,9 @@ class ClusterConfig(_Section):
     pca_sample: int = Field(100_000, ge=2, description="images the PCA is fitted on")
     niter: int = Field(20, ge=1, description="Lloyd iterations per k-means")
     whiten: bool = True
+    memory_budget_mb: float = Field(4096, gt=0, description="memory for one k-means unit's whitened vectors: a "
+                                    "(super-)cluster larger than this is clustered out of core, streaming its shards")
+    stream_threads: int = Field(2, ge=1, description="feature shards read ahead in parallel when streaming")
 
     @property
     def n_targets(self) -> int:
@@ -90,6 +126,11 @@ class TrainConfig(_Section):
     crop_scale: tuple[float, float] = Field((0.5, 1.0), description="RandomResizedCrop scale range")
     hflip: bool = True
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    nnodes: int = Field(1, ge=1, description="torchrun nodes (world = nnodes x nproc); more than 1 needs "
+                        "runtime.rdzv_endpoint")
+    head_groups: bool = Field(True, description="when the world is at least the number of super-classes, one "
+                              "communication group of ranks per super-class holding only its sub-head (DeeperCluster)"
+                              "; false: every rank holds every head")
 
     @field_validator("crop_scale")
     @classmethod
@@ -99,8 +140,59 @@ class TrainConfig(_Section):
         return v
 
 
+def _split_size(v: float | int, what: str) -> float | int:
+    if isinstance(v, float) and not 0 < v < 1:
+        raise ValueError(f"{what} must be a fraction in (0, 1) or a count of images (an integer >= 1), got {v}")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"{what} must be a fraction in (0, 1) or a count of images (an integer >= 1), got {v}")
+    return v
+
+
 class EvalConfig(_Section):
+    """Evaluation of each round's features against the labels the source may have (class sub-folders).
+
+    The probes use two disjoint splits of the labelled images, drawn by a permutation seeded by ``split_seed``
+    (so every method and every round of a benchmark sees the same splits): ``probe_train`` then ``probe_test``
+    images of it, each a fraction of the labelled images or a count."""
+
     kmeans_nmi: bool = Field(True, description="also k-means (k = number of classes) the features against labels")
+    linear_probe: bool = Field(True, description="accuracy of a linear classifier trained on the frozen features")
+    knn: bool = Field(True, description="accuracy of a cosine k-nearest-neighbour vote on the frozen features")
+    knn_k: int = Field(20, ge=1, description="neighbours of the kNN vote")
+    probe_train: float | int = Field(0.5, description="labelled images the probes learn from (fraction or count)")
+    probe_test: float | int = Field(0.5, description="labelled images the probes are scored on (fraction or count)")
+    split_seed: int = Field(0, description="seed of the train/test split of the labelled images")
+    probe_weight_decay: float = Field(1e-4, ge=0, description="L2 penalty of the linear probe (standardised inputs)")
+    probe_max_iter: int = Field(300, ge=1, description="L-BFGS iterations of the linear probe")
+    layer: str | None = Field(None, description="layer the probes read: None = the extracted features; else a module "
+                              "of the body, e.g. 'trunk.12' (conv maps are average-pooled), run on the split images")
+    final_round: bool = Field(False, description="after the last round's training, also extract and evaluate the "
+                              "model it produced (a history row with round = rounds)")
+
+    @field_validator("probe_train", "probe_test")
+    @classmethod
+    def _fraction_or_count(cls, v: float | int, info: Any) -> float | int:
+        return _split_size(v, f"eval.{info.field_name}")
+
+
+class ClusterFitConfig(_Section):
+    """ClusterFit's source network: a checkpoint of ours (``model.pt``/``final.pt`` or a bare body state dict) or a
+    torchvision state dict (``format: torchvision``, for resnet18/resnet50/vgg16 = vgg16_bn). The network trained
+    from scratch on the k-means labels of its features is the ``model`` section."""
+
+    checkpoint: str | None = Field(None, description="weights of the source network (a local path or fsspec URL)")
+    format: Literal["deepercluster", "torchvision"] = "deepercluster"
+    model: ModelConfig = Field(ModelConfig(), description="architecture of the source network")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: str | None) -> str | None:
+        if v is None or "://" in v:
+            return v
+        path = Path(v).expanduser()
+        if not path.is_file():
+            raise ValueError(f"source checkpoint {v!r} does not exist")
+        return str(path.resolve())
 
 
 class RuntimeConfig(_Section):
@@ -109,6 +201,22 @@ class RuntimeConfig(_Section):
     dask_address: str | None = Field(None, description="existing Dask scheduler (tcp://host:8786); default local")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes when no address is given")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    rdzv_endpoint: str | None = Field(None, description="host:port of the torchrun c10d rendezvous (on the first "
+                                      "node) when train.nnodes > 1")
+    gpu_workers: bool = Field(False, description="send GPU work (extraction) only to Dask workers with the resource "
+                              "GPU=1; a local cluster started here then has one such worker per visible GPU")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of a remote run "
+                                            "store, e.g. {endpoint_url: http://minio:9000}; credentials belong in "
+                                            "the environment (AWS_ACCESS_KEY_ID...), never here")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
+        secret = sorted(k for k in v if any(w in k.lower() for w in ("key", "secret", "token", "password")))
+        if secret:
+            raise ValueError(f"{', '.join(secret)} would be saved in the run's config.yaml: give credentials "
+                             "through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) instead")
+        return v
 
 
 class PipelineConfig(_Section):
@@ -121,7 +229,22 @@ class PipelineConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    clusterfit: ClusterFitConfig = ClusterFitConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _clusterfit_has_a_source(self) -> PipelineConfig:
+        if self.method != "clusterfit":
+            return self
+        if not self.clusterfit.checkpoint:
+            raise ValueError("method clusterfit needs clusterfit.checkpoint (the weights of the source network)")
+        if self.rounds != 1:
+            raise ValueError("clusterfit clusters once: rounds must be 1 (train longer with train.epochs)")
+        min_size = MIN_IMAGE_SIZE[self.clusterfit.model.arch]
+        if self.data.image_size < min_size:
+            raise ValueError(f"data.image_size {self.data.image_size} is too small for the source "
+                             f"{self.clusterfit.model.arch} (at least {min_size})")
+        return self
 
     @model_validator(mode="after")
     def _fits_the_data(self) -> PipelineConfig:
@@ -153,6 +276,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "deepcluster": {"cluster": {"super_clusters": 1, "k": 100}, "train": {"rotations": False}},
     "rotnet": {"cluster": {"super_clusters": 1, "k": 1}, "train": {"rotations": True}},
     "deepercluster": {"cluster": {"super_clusters": 2, "k": 50}, "train": {"rotations": True}},
+    # k-means the source network's features once, train a new network from scratch on them, evaluate both
+    "clusterfit": {"rounds": 1, "cluster": {"super_clusters": 1, "k": 100}, "train": {"rotations": False},
+                   "eval": {"final_round": True}},
 }
 
 

@@ -11,6 +11,12 @@ A run is one root, a local path or any fsspec URL (``s3://bucket/run``, ``memory
     <run>/rounds/<r>/eval/metrics.json
     <run>/history.parquet
 
+Remote stores: the storage options of a non-local URI come from, in order of precedence, the ``storage_options``
+argument, ``$DEEPERCLUSTER_STORAGE_OPTIONS`` (a JSON object) and, for ``s3://``, an endpoint from
+``$DEEPERCLUSTER_S3_ENDPOINT_URL``, ``$AWS_ENDPOINT_URL_S3`` or ``$AWS_ENDPOINT_URL`` (MinIO, moto). Credentials
+come from the usual ``AWS_*`` variables. The environment reaches Dask workers and torchrun ranks, which reopen the
+store from its URI. Directory listings are not cached for remote stores: other processes write completion records.
+
 Completion: when a unit of work (an image shard, a super-cluster, a checkpoint interval...) is whole, a small JSON
 record is written under ``<scope>/_done/<stage>/<unit>.json``. A stage skips the units that have one. Every file is
 written to a temporary name and renamed when whole, so a killed process leaves either the old file or the new one.
@@ -35,6 +41,10 @@ DATA_STAGES = ("shard",)
 ROUND_STAGES = ("extract", "cluster", "train", "evaluate")
 STAGES = DATA_STAGES + ROUND_STAGES
 STAGE_DONE = "_stage"
+TMP_PREFIX = ".tmp-"  # a write in progress (or left by a killed process): never a completion record
+STORAGE_OPTIONS_ENV = "DEEPERCLUSTER_STORAGE_OPTIONS"
+S3_ENDPOINT_ENVS = ("DEEPERCLUSTER_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+LOCAL_PROTOCOLS = ("file", "local")
 
 
 def round_dir(r: int) -> str:
@@ -46,8 +56,11 @@ class RunStore:
 
     def __init__(self, uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         uri = os.fspath(uri)
-        self.storage_options = storage_options or {}
-        self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
+        self.storage_options = resolve_storage_options(uri, storage_options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
+        except ImportError as err:
+            raise StoreError(f"cannot open run store {uri}: {err} (for s3:// install deepercluster[s3])") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/")
         self.uri = os.path.abspath(uri) if self.is_local else uri.rstrip("/")
@@ -88,7 +101,7 @@ class RunStore:
         """Write ``data`` to a temporary name beside ``rel`` then rename it: readers see all or nothing."""
         final = self.path(rel)
         parent = final.rsplit("/", 1)[0]
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
         self.fs.makedirs(parent, exist_ok=True)
         if self.is_local:
             with open(tmp, "wb") as f:
@@ -170,7 +183,8 @@ class RunStore:
     def done_units(self, stage: str, r: int | None) -> list[str]:
         """Units of ``stage`` that have a completion record (the stage record excluded)."""
         names = self.listdir(f"{self._scope(stage, r)}/_done/{stage}")
-        return [n[:-5] for n in names if n.endswith(".json") and n != f"{STAGE_DONE}.json"]
+        return [n[:-5] for n in names
+                if n.endswith(".json") and n != f"{STAGE_DONE}.json" and not n.startswith(TMP_PREFIX)]
 
     def stage_done(self, stage: str, r: int | None) -> bool:
         return self.is_done(stage, r, STAGE_DONE)
@@ -181,6 +195,47 @@ class RunStore:
     def reset_stage(self, stage: str, r: int | None) -> None:
         """Forget every completion record of a stage (``--force``): its units will be recomputed."""
         self.remove(f"{self._scope(stage, r)}/_done/{stage}")
+
+
+def _protocol(uri: str) -> str:
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    return protocol.split("::")[0]
+
+
+def _env_storage_options() -> dict[str, Any]:
+    text = os.environ.get(STORAGE_OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StoreError(f"${STORAGE_OPTIONS_ENV} is not valid JSON ({err.msg}): give an object such as "
+                         '{"endpoint_url": "http://localhost:9000"}') from None
+    if not isinstance(opts, dict):
+        raise StoreError(f"${STORAGE_OPTIONS_ENV} must be a JSON object, got {type(opts).__name__}")
+    return opts
+
+
+def resolve_storage_options(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options a store at ``uri`` is opened with: ``storage_options`` over the environment's (see the
+    module docstring); none for a local path."""
+    if _protocol(uri) in LOCAL_PROTOCOLS:
+        return dict(storage_options or {})
+    opts: dict[str, Any] = {"use_listings_cache": False, **_env_storage_options()}
+    if _protocol(uri) in ("s3", "s3a") and "endpoint_url" not in opts and "endpoint_url" not in opts.get(
+            "client_kwargs", {}):
+        endpoint = next((os.environ[k] for k in S3_ENDPOINT_ENVS if os.environ.get(k)), None)
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    opts.update(storage_options or {})
+    return opts
+
+
+def export_storage_options(storage_options: dict[str, Any]) -> None:
+    """Make ``storage_options`` the default of every store opened later by this process and by the processes it
+    starts (Dask LocalCluster workers, torchrun ranks), through ``$DEEPERCLUSTER_STORAGE_OPTIONS``."""
+    if storage_options:
+        os.environ[STORAGE_OPTIONS_ENV] = json.dumps({**_env_storage_options(), **storage_options}, sort_keys=True)
 
 
 def _json_default(o: Any) -> Any:

@@ -26,8 +26,31 @@ def dask_scheduler(runtime: RuntimeConfig, address: str | None = None) -> Iterat
     # Workers must report to this process's Prefect server: without its URL each would start a temporary one.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     env = {"PREFECT_API_URL": prefect_api_url(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if runtime.gpu_workers:
+        with local_gpu_cluster(runtime.dask_workers, env) as gpu_address:
+            yield gpu_address
+        return
     with LocalCluster(n_workers=runtime.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.WARNING, env=env) as cluster:
+        yield cluster.scheduler_address
+
+
+@contextmanager
+def local_gpu_cluster(n_workers: int, env: dict[str, str]) -> Iterator[str]:
+    """One single-threaded worker process per visible GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``) and
+    holding the Dask resource GPU=1, as ``dask worker --resources GPU=1`` would; without a GPU, ``n_workers`` such
+    workers on the CPU."""
+    import torch
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = (visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())])
+    gpus = gpus[: torch.cuda.device_count()]
+    devices: list[dict[str, str]] = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{}] * n_workers
+    workers = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}, "env": {**env, **d}}}
+               for i, d in enumerate(devices)}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address
 
 

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from deepercluster.config import build_config
 from deepercluster.run import init_run, open_run
-from deepercluster.store import RunStore
+from deepercluster.store import RunStore, export_storage_options
 from flows.dask_runtime import dask_scheduler
 from flows.stages import ROUND_FLOWS, shard_flow
 
@@ -20,7 +20,9 @@ from flows.stages import ROUND_FLOWS, shard_flow
 def pipeline_flow(run: str, config: dict[str, Any] | None = None, dask_address: str | None = None) -> list[dict]:
     """Run (or resume) every round of the run at ``run``; ``config`` starts a new run (ignored fields: none)."""
     if config is not None:
-        init_run(RunStore(run), build_config(config))
+        cfg = build_config(config)
+        export_storage_options(cfg.runtime.storage_options)  # every store opened from here on (and by workers)
+        init_run(RunStore(run), cfg)
     store, cfg = open_run(run)
     logger = get_run_logger()
     logger.info("run %s (config %s, %s, %d rounds)", store.uri, cfg.hash, cfg.method, cfg.rounds)

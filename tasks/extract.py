@@ -3,6 +3,7 @@ from __future__ import annotations
 from prefect import task
 
 from deepercluster import features
+from deepercluster.errors import DeeperClusterError
 from deepercluster.run import open_run
 
 
@@ -12,7 +13,12 @@ def prepare_extract(run: str, r: int, force: bool = False) -> list[int]:
     return features.prepare_extract(store, cfg, r, force=force)
 
 
-@task(name="extract-shard", retries=2, retry_delay_seconds=2)
+def _transient(task, task_run, state) -> bool:
+    """Retry what may pass on a second try (storage, memory), not a user's error (an unreadable image)."""
+    return not isinstance(state.data, DeeperClusterError)
+
+
+@task(name="extract-shard", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
 def extract_shard(run: str, r: int, shard: int) -> int:
     store, cfg = open_run(run)
     return features.extract_shard(store, cfg, r, shard)

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import faiss
@@ -7,8 +8,18 @@ import zarr
 from conftest import tiny_overrides
 
 from deepercluster.clustering import fit_pca, kmeans
-from deepercluster.clustering.kmeans import repair_empty
-from deepercluster.clustering.stage import assignments_rel, load_assignments, run_cluster_stage
+from deepercluster.clustering import vectors as vectors_module
+from deepercluster.clustering.assign import NearestCentroid
+from deepercluster.clustering.kmeans import ArrayVectors, lloyd, repair_empty, snap_to_grid
+from deepercluster.clustering.pca import Moments, pca_from_moments
+from deepercluster.clustering.stage import (
+    assignments_rel,
+    clusters_rel,
+    load_assignments,
+    run_cluster_stage,
+    whitened_features,
+)
+from deepercluster.clustering.whitening import pca_rel
 from deepercluster.config import build_config
 from deepercluster.data.shard import run_shard_stage
 from deepercluster.errors import ConfigError, DataError
@@ -22,16 +33,19 @@ def _blobs(n=2000, d=16, centers=20, seed=0):
     return (c[rng.integers(0, centers, n)] + rng.normal(size=(n, d))).astype(np.float32)
 
 
-def test_kmeans_objective_matches_faiss():
+# ---- k-means ------------------------------------------------------------------------------------------------------
+def test_kmeans_objective_matches_faiss_with_the_same_init():
     x = _blobs()
-    ours = kmeans(x, 32, niter=20, seed=3)
+    init = snap_to_grid(x)[np.sort(np.random.default_rng(3).choice(len(x), 32, replace=False))]
+    ours = kmeans(x, 32, niter=20, seed=3, init=init)
     ref = faiss.Kmeans(x.shape[1], 32, niter=20, seed=3, max_points_per_centroid=100000)
-    ref.train(x)
+    ref.train(x, init_centroids=init)
     ref_obj = float(ref.index.search(x, 1)[0].sum())
-    assert ours.inertia <= ref_obj * 1.01
+    assert abs(ours.inertia - ref_obj) <= 0.01 * ref_obj
     assert ours.history[-1] <= ours.history[0]
-    again = kmeans(x, 32, niter=20, seed=3)
-    assert np.array_equal(again.assign, ours.assign)  # deterministic
+    seeded = kmeans(x, 32, niter=20, seed=3)
+    assert np.array_equal(kmeans(x, 32, niter=20, seed=3).assign, seeded.assign)  # deterministic
+    assert abs(seeded.inertia - ref_obj) <= 0.05 * ref_obj
 
 
 def test_kmeans_repairs_empty_clusters_and_clamps_k():
@@ -52,54 +66,136 @@ def test_repair_splits_a_non_empty_cluster_deterministically():
     assert np.allclose(a[0], cents[1], rtol=1e-6) and np.allclose(a[2], cents[1], rtol=1e-6)
 
 
+def test_assignment_does_not_depend_on_batching_and_breaks_ties_low():
+    rng = np.random.default_rng(0)
+    x = snap_to_grid(rng.normal(size=(3000, 24)).astype(np.float32))
+    x[0] = 0
+    c = rng.normal(size=(300, 24)).astype(np.float32)
+    c[3] = c[7] = x[1]  # an exact duplicate centroid: its rows must go to 3, never 7
+    c[10], c[11] = 1e-3, -1e-3  # row 0 (the origin) is exactly as far from both: it goes to 10
+    nc = NearestCentroid(c)
+    whole, _ = nc.assign(x)
+    one_by_one = np.concatenate([nc.assign(x[i : i + 1])[0] for i in range(0, 3000, 1)])  # faiss's non-BLAS path
+    assert np.array_equal(whole, one_by_one) and whole[0] == 10 and whole[1] == 3 and not (whole == 7).any()
+    exact = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
+    assert np.array_equal(whole, exact.argmin(1))
+    # blocks of 7 rows in Lloyd give bit-identical centroids and assignments
+    a, b = lloyd(ArrayVectors(x, block_rows=7), 40, 8, 1), lloyd(ArrayVectors(x), 40, 8, 1)
+    assert np.array_equal(a.assign, b.assign) and np.array_equal(a.centroids, b.centroids) and a.inertia == b.inertia
+
+
 def test_pca_whitening_decorrelates_and_normalises():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
+    x = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8)) + 100  # a large offset
     pca = fit_pca(x, 4)
     y = (x - pca.mean) @ pca.components.T * pca.scale
     assert np.allclose(np.cov(y, rowvar=False, bias=True), np.eye(4), atol=1e-3)
     assert np.allclose(np.linalg.norm(pca.transform(x), axis=1), 1, atol=1e-5)
+    streamed = Moments(8)
+    for lo in range(0, 500, 64):
+        streamed.add(x[lo : lo + 64])
+    assert np.allclose(pca_from_moments(streamed, 4).components, pca.components, atol=1e-8)
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def extracted_once(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+    """240 digits sharded (40 per shard) and extracted once for the module; each test clusters a copy."""
+    root = tmp_path_factory.mktemp("cluster-run") / "run"
+    cfg = build_config(tiny_overrides(digits_dir))
+    store = RunStore(root)
+    run_shard_stage(store, cfg.data)
+    run_extract_stage(store, cfg, 0)
+    return root
 
 
 @pytest.fixture
-def extracted(tmp_path: Path, digits_dir: Path):
-    def make(**cluster):
-        cfg = build_config(tiny_overrides(digits_dir, cluster=cluster))
-        store = RunStore(tmp_path / "run")
-        run_shard_stage(store, cfg.data)
-        run_extract_stage(store, cfg, 0)
-        return store, cfg
+def extracted(tmp_path: Path, digits_dir: Path, extracted_once: Path):
+    def make(name: str = "run", **cluster):
+        shutil.copytree(extracted_once, tmp_path / name)
+        return RunStore(tmp_path / name), build_config(tiny_overrides(digits_dir, cluster=cluster))
 
     return make
 
 
+def _cluster_units(store: RunStore) -> list[str]:
+    return [u for u in store.done_units("cluster", 0) if not u.startswith("whiten-")]
+
+
 def test_hierarchical_cluster_stage(extracted):
     store, cfg = extracted(super_clusters=3, k=4)
+    before = whitened_features(store, cfg, 0)  # what the evaluate stage reads; fits and saves the PCA
     stats = run_cluster_stage(store, cfg, 0)
+    assert np.array_equal(whitened_features(store, cfg, 0), before)  # now read back from whitened.zarr
     a = load_assignments(store, 0)
     assert list(a.columns) == ["image_id", "super", "sub", "target", "distance"]
     assert a["image_id"].tolist() == list(range(240))
     assert a["super"].between(0, 2).all() and a["sub"].between(0, 3).all()
     assert (a["target"] == a["super"] * 4 + a["sub"]).all()
     assert stats["targets"] == 12 and stats["images"] == 240 and sum(stats["super_sizes"]) == 240
-    assert store.done_units("cluster", 0) == ["level1", "super-0000", "super-0001", "super-0002"]
-    assert store.exists("rounds/0/clusters/pca.npz")
+    assert _cluster_units(store) == ["level1", "super-0000", "super-0001", "super-0002"]
+    for rel in ("pca.npz", "super_centroids.npy", "sub-0002_centroids.npy", "whitened.zarr/zarr.json"):
+        assert store.exists(clusters_rel(0, rel)), rel
+    assert store.read_bytes(clusters_rel(0, stats["histogram"]))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not stats["level1"]["streamed"] and stats["level2"]["streamed"] == []
+    whitened = zarr.open_array(store.url(clusters_rel(0, "whitened.zarr")))
+    assert whitened.shape == (240, 16) and np.allclose(np.linalg.norm(whitened[:], axis=1), 1, atol=1e-5)
 
-    # a rerun reuses everything; --force recomputes to the same (deterministic) answer
-    record = store.done_record("cluster", 0, "super-0001")
+    # a rerun reuses everything (the PCA included); --force recomputes to the same (deterministic) answer
+    record, pca_sig = store.done_record("cluster", 0, "super-0001"), store.signature(pca_rel(0))
+    store.reset_stage("cluster", 0)
     run_cluster_stage(store, cfg, 0)
-    assert store.done_record("cluster", 0, "super-0001") == record
+    assert store.signature(pca_rel(0)) == pca_sig and load_assignments(store, 0).equals(a)
     run_cluster_stage(store, cfg, 0, force=True)
     assert store.done_record("cluster", 0, "super-0001")["finished_at"] > record["finished_at"]
     assert load_assignments(store, 0).equals(a)
 
 
-def test_non_finite_features_name_the_shard_and_write_nothing(extracted):
-    store, cfg = extracted(super_clusters=1, k=5)
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_out_of_core_gives_the_in_memory_assignments(extracted, monkeypatch, duplicates):
+    """A budget below every unit's size streams level 1 and level 2 shard by shard (one shard per block):
+    same assignments, distances and inertia, bit for bit. With duplicate vectors, clusters go empty and are
+    repaired the same way on both paths."""
+    cluster = {"super_clusters": 1, "k": 10} if duplicates else {"super_clusters": 3, "k": 6}
+    in_memory, cfg = extracted("in-memory", **cluster)
+    streamed, _ = extracted("streamed", **cluster)
+    if duplicates:
+        for store in (in_memory, streamed):
+            array = zarr.open_array(store.url(features_rel(0)), mode="r+")
+            array[:] = np.repeat(array[:6], 40, axis=0)  # 6 distinct vectors
+    small = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"memory_budget_mb": 0.001})})
+    monkeypatch.setattr(vectors_module, "MIN_BLOCK_ROWS", 1)
+    ref = run_cluster_stage(in_memory, cfg, 0)
+    out = run_cluster_stage(streamed, small, 0)
+    assert not ref["level1"]["streamed"] and ref["level2"]["streamed"] == []
+    assert out["level2"]["streamed"] == list(range(cfg.cluster.super_clusters))
+    assert out["level1"]["streamed"] == (cfg.cluster.super_clusters > 1)
+    assert load_assignments(streamed, 0).equals(load_assignments(in_memory, 0))
+    assert out["level2"]["inertia"] == ref["level2"]["inertia"]
+    if duplicates:
+        assert out["non_empty"] == 6 and out["level2"]["repairs"] > 0
+
+
+def test_k_larger_than_a_super_cluster(extracted):
+    store, cfg = extracted(super_clusters=3, k=80)  # 240 images: unless all three hold exactly 80, one is smaller
+    stats = run_cluster_stage(store, cfg, 0)
+    a = load_assignments(store, 0)
+    assert stats["level2"]["clamped"]
+    for s in stats["level2"]["clamped"]:
+        members = a[a["super"] == s]
+        assert len(members) < 80 and members["sub"].is_unique  # each member its own sub-cluster
+        assert store.done_record("cluster", 0, f"super-{s:04d}")["k"] == len(members)
+
+
+@pytest.mark.parametrize("pca_sample,bad", [(240, np.nan), (2, np.inf)])
+def test_non_finite_features_name_the_shard_and_write_nothing(extracted, pca_sample, bad):
+    """Caught while fitting the PCA (the sample holds the bad row) or while whitening (it does not)."""
+    store, cfg = extracted(super_clusters=1, k=5, pca_sample=pca_sample)
     array = zarr.open_array(store.url(features_rel(0)), mode="r+")
-    array[130, 3] = np.nan
-    with pytest.raises(DataError, match="feature shard 3 of round 0"):
+    array[130, 3] = bad
+    with pytest.raises(DataError, match=r"feature shard 3 of round 0 holds non-finite values \(rows \[130\]\)"):
         run_cluster_stage(store, cfg, 0)
+    assert not store.exists(clusters_rel(0)) and not store.done_units("cluster", 0)
     assert not store.exists(assignments_rel(0)) and not store.stage_done("cluster", 0)
 
 

@@ -15,7 +15,7 @@ def test_presets_mean_what_the_papers_mean():
     assert (rot.cluster.super_clusters, rot.cluster.k, rot.train.rotations) == (1, 1, True)
     deeper = build_config(method="deepercluster")
     assert deeper.cluster.super_clusters > 1 and deeper.cluster.k > 1 and deeper.train.rotations
-    assert set(PRESETS) == {"deepcluster", "rotnet", "deepercluster"}
+    assert set(PRESETS) == {"deepcluster", "rotnet", "deepercluster", "clusterfit"}
 
 
 def test_yaml_overrides_preset_and_hash_ignores_runtime(tmp_path: Path):

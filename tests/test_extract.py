@@ -1,13 +1,16 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_overrides
+from PIL import Image
 
 from deepercluster.config import build_config
 from deepercluster.data.datasets import ImageList
 from deepercluster.data.shard import load_manifest, run_shard_stage
 from deepercluster.data.transforms import clustering_view
+from deepercluster.errors import ConfigError, DataError
 from deepercluster.features import (
     ensure_round_model,
     extract_shard,
@@ -66,3 +69,110 @@ def test_round_zero_model_is_seeded(tmp_path: Path, digits_dir: Path):
     ensure_round_model(b, cfg, 0)
     sa, sb = a.load_torch("rounds/0/model.pt")["body"], b.load_torch("rounds/0/model.pt")["body"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_threaded_loader_matches_the_clustering_view(digits_dir: Path):
+    from deepercluster.features.loader import BatchLoader, HostView
+
+    uris = sorted(str(p) for p in digits_dir.rglob("*.png"))[:23]
+    view = clustering_view(20, 0.8)
+    expected = torch.stack([view(Image.open(u).convert("RGB")) for u in uris])
+    loader = BatchLoader(uris, HostView(20, 0.8), batch_size=5, threads=3, prefetch=2)
+    batches = list(loader)
+    assert [lo for lo, _ in batches] == [0, 5, 10, 15, 20] and len(loader) == 5
+    got = torch.cat([b for _, b in batches])
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    raw = torch.cat([b for _, b in BatchLoader(uris, HostView(20, 0.8), 8, on_device_normalise=True)])
+    assert raw.dtype == torch.uint8 and raw.shape == (23, 20, 20, 3)  # the device normalises these
+
+
+def test_layer_is_configurable_and_checked(tmp_path: Path, digits_dir: Path):
+    cfg = build_config(tiny_overrides(digits_dir, extract={"layer": "trunk.12"}))  # smallnet's 3rd conv block
+    store = RunStore(tmp_path / "run")
+    run_shard_stage(store, cfg.data)
+    run_extract_stage(store, cfg, 0)
+    array = open_features(store, 0)
+    assert array.shape == (240, 64)
+
+    body = load_body(cfg.model, store.load_torch("rounds/0/model.pt")["body"]).eval()
+    images = ImageList(load_manifest(store)["uri"].tolist()[:6], clustering_view(cfg.data.image_size))
+    with torch.no_grad():
+        maps = body.trunk[:13](torch.stack([images[i] for i in range(6)]))
+    np.testing.assert_allclose(array[:6].astype(np.float32), maps.mean(dim=(2, 3)).numpy(), rtol=4e-3, atol=4e-3)
+
+    bad = build_config(tiny_overrides(digits_dir, extract={"layer": "trunk.fc7"}))
+    with pytest.raises(ConfigError, match=r"extract.layer 'trunk.fc7' is not a layer .* trunk.0, trunk.1"):
+        prepare_extract(RunStore(tmp_path / "run"), bad, 0, force=True)
+
+
+def test_unreadable_image_is_a_one_line_error_and_writes_nothing(tmp_path: Path, digits_dir: Path):
+    import shutil
+
+    src = tmp_path / "images"
+    shutil.copytree(digits_dir, src)
+    cfg = build_config(tiny_overrides(src))
+    store = RunStore(tmp_path / "run")
+    run_shard_stage(store, cfg.data)
+    assert prepare_extract(store, cfg, 0) == [0, 1, 2, 3, 4, 5]
+    victim = load_manifest(store)["uri"].iloc[50]
+    Path(victim).write_bytes(b"not a png any more")
+    with pytest.raises(DataError) as err:
+        extract_shard(store, cfg, 0, 1)
+    assert victim in str(err.value) and "\n" not in str(err.value) and "--force" in str(err.value)
+    assert not store.is_done("extract", 0, "shard-00001")
+    assert not np.any(open_features(store, 0)[40:80])
+    assert extract_shard(store, cfg, 0, 2) == 40  # other shards are unaffected
+
+
+def test_fsspec_store_and_consolidated_metadata(digits_dir: Path):
+    import zarr
+
+    from deepercluster.features import features_group_rel
+
+    cfg = build_config(tiny_overrides(digits_dir))
+    store = RunStore("memory://extract-test/run")
+    run_shard_stage(store, cfg.data)
+    info = run_extract_stage(store, cfg, 0)
+    assert info == {"images": 240, "dim": 32, "shards": 6}
+    group = zarr.open_group(store.url(features_group_rel(0)), mode="r", use_consolidated=True)
+    consolidated = group.metadata.consolidated_metadata
+    assert consolidated is not None and "features" in consolidated.metadata
+    assert group.attrs["complete"] is True and group.attrs["layer"] == "output"
+    assert np.all(np.isfinite(open_features(store, 0)[:])) and np.any(open_features(store, 0)[200:])
+
+
+def test_inspect_features_prints_statistics_and_draws_neighbours(tmp_path: Path, digits_dir: Path):
+    from typer.testing import CliRunner
+
+    from deepercluster.cli import app
+    from deepercluster.features.inspect import feature_summary, nearest_neighbours
+    from deepercluster.run import init_run
+
+    cfg = build_config(tiny_overrides(digits_dir))
+    store = RunStore(tmp_path / "run")
+    init_run(store, cfg)
+    run_shard_stage(store, cfg.data)
+    for s in prepare_extract(store, cfg, 0)[:4]:
+        extract_shard(store, cfg, 0, s)
+    summary = feature_summary(store, 0)
+    assert summary["shape"] == (240, 32) and summary["shards_done"] == 4 and not summary["stage_done"]
+    assert summary["rows_checked"] == 160 and summary["norm_min"] > 0
+
+    nn = nearest_neighbours(store, 0, 7, k=5)
+    x = open_features(store, 0)[:160].astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x[7]
+    sims[7] = -np.inf
+    assert [i for i, _ in nn] == np.argsort(-sims, kind="stable")[:5].tolist()
+
+    png = tmp_path / "nn.png"
+    out = CliRunner().invoke(app, ["inspect", str(store.uri), "--features", "--round", "0", "--image", "7",
+                                   "--neighbours", "5", "--png", str(png)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "shape=(240, 32)" in out.output and "shards 4/6 done" in out.output and "L2 norms of 160 rows" in out.output
+    assert Image.open(png).size == (6 * 100 + 4, 96 + 14 + 8)
+
+    missing = CliRunner().invoke(app, ["inspect", str(store.uri), "--features", "--image", "200"])
+    assert missing.exit_code == 2 and "image 200 has no features yet" in missing.output

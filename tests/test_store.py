@@ -45,3 +45,11 @@ def test_store_pickles_as_its_uri(tmp_path: Path):
 
     store = RunStore(tmp_path)
     assert pickle.loads(pickle.dumps(store)).uri == store.uri
+
+
+def test_a_write_left_half_done_by_a_killed_process_is_not_a_record(tmp_path: Path):
+    store = RunStore(tmp_path)
+    store.mark_done("extract", 0, "shard-00000")
+    leftover = tmp_path / "rounds/0/_done/extract/.tmp-0123abcd-shard-00001.json"
+    leftover.write_text("{")
+    assert store.done_units("extract", 0) == ["shard-00000"]

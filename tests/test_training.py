@@ -110,11 +110,11 @@ def test_loss_is_super_plus_own_sub_cross_entropy() -> None:
     super_logits, sub_logits = heads(feats, super_class)
     loss, metrics = hierarchical_loss(super_logits, sub_logits, super_class, sub_class)
     h = feats.relu()
-    own_sub = torch.stack([heads.sub_weight[c] @ h[i] + heads.sub_bias[c] for i, c in enumerate(super_class)])
+    own_sub = torch.stack([heads.sub.weight[c] @ h[i] + heads.sub.bias[c] for i, c in enumerate(super_class)])
     expected = manual_ce(heads.super_head(h), super_class) + manual_ce(own_sub, sub_class)
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
-    assert heads.super_head.weight.grad.abs().sum() > 0 and heads.sub_weight.grad.abs().sum() > 0
+    assert heads.super_head.weight.grad.abs().sum() > 0 and heads.sub.weight.grad.abs().sum() > 0
     right_super = super_logits.argmax(1) == super_class
     right_sub = sub_logits.argmax(1) == sub_class
     assert metrics["acc_super"].item() == pytest.approx(right_super.float().mean().item())
@@ -167,20 +167,22 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def tiny_config(folder: Path) -> PipelineConfig:
+def tiny_config(folder: Path, **train: object) -> PipelineConfig:
+    """2 super-clusters (no rotation: 2 super-classes) and 2 ranks: two communication groups of one rank, each
+    holding its own sub-head, the body batch-normalised over both."""
     return build_config({
         "seed": 7,
         "data": {"source": str(folder), "image_size": 16, "shard_size": 64},
         "model": {"arch": "smallnet", "feature_dim": 16},
         "cluster": {"super_clusters": 2, "k": 3},
-        "train": {"epochs": 2, "batch_size": 8, "nproc": 2, "checkpoint_every": 2, "rotations": True},
+        "train": {"epochs": 2, "batch_size": 8, "nproc": 2, "checkpoint_every": 2, "rotations": False, **train},
         "runtime": {"device": "cpu"},
     }, method="deepercluster")
 
 
-def make_run(root: Path, folder: Path) -> tuple[RunStore, PipelineConfig]:
+def make_run(root: Path, folder: Path, **train: object) -> tuple[RunStore, PipelineConfig]:
     """A run ready to train round 0: manifest, round-0 model and synthetic, very unequal assignments."""
-    cfg = tiny_config(folder)
+    cfg = tiny_config(folder, **train)
     store = RunStore(root)
     init_run(store, cfg)
     run_shard_stage(store, cfg.data)
@@ -206,7 +208,7 @@ def trained(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 def test_train_stage_runs_two_ranks(trained: tuple[RunStore, PipelineConfig, dict]) -> None:
     store, cfg, info = trained
-    assert info["steps"] == 24 and info["world_size"] == 2 and info["resumed_from_step"] is None
+    assert info["steps"] == 24 and info["world_size"] == 2 and info["groups"] == 2 and info["resumed_from_step"] is None
     assert np.isfinite(info["final_loss"]) and info["images_per_s"] > 0
     before = store.load_torch(model_rel(0))["body"]
     after = store.load_torch(model_rel(1))
@@ -215,8 +217,10 @@ def test_train_stage_runs_two_ranks(trained: tuple[RunStore, PipelineConfig, dic
     assert any(not torch.equal(before[name], after["body"][name]) for name in before)
     final = store.load_torch(final_rel(0))
     assert all(torch.equal(final["body"][name], after["body"][name]) for name in before)
-    assert final["heads"]["super_head.weight"].shape == (8, 16)  # 2 super-clusters x 4 rotations
-    assert final["heads"]["sub_weight"].shape == (8, 3, 16)
+    assert final["heads"]["super_head.weight"].shape == (2, 16)  # 2 super-clusters, no rotation
+    assert final["heads"]["sub.weight"].shape == (2, 3, 16)  # assembled from the two groups' files
+    assert store.listdir("rounds/0/train/heads") == ["step-000024"]  # older sub-head files are pruned
+    assert store.listdir("rounds/0/train/heads/step-000024") == ["group-000.pt", "group-001.pt"]
     rows = read_log(store, 0)
     assert [row["step"] for row in rows] == list(range(1, 25))
     assert {"epoch", "iter", "loss", "acc_super", "acc_sub", "images_per_s"} <= rows[0].keys()

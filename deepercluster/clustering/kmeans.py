@@ -1,19 +1,33 @@
-"""Lloyd's k-means: exact assignment with a faiss flat index, float64 centroid updates, and deterministic
-empty-cluster repair (DeeperCluster's: re-seed an empty centroid from a perturbed copy of a large cluster's).
+"""Lloyd's k-means over a source of vector blocks (in memory, or streamed from zarr shards), exact and deterministic.
 
-The same data, k, iterations and seed give the same result on any machine with the same faiss/BLAS build.
+- Assignment: :class:`~deepercluster.clustering.assign.NearestCentroid` (BLAS / torch float32 search, near-ties
+  re-decided in float64), whose answer does not depend on how rows are batched.
+- Update: per-cluster sums are **exact**, and kept up to date incrementally (a pass moves only the rows whose
+  cluster changed). Vectors lie on a fixed-point grid (multiples of 2^(e-23) with |x| <= 2^e, see
+  :func:`snap_to_grid`), so float64 sums of up to 2^30 of them have no rounding error and any order of summation
+  (blocks, shards, threads, workers) gives the same bits.
+- Empty clusters: re-seeded deterministically from a split of a large cluster (DeeperCluster's repair).
+
+So the same data, k, iterations and seed give the same assignments in memory or streamed, with any number of
+threads or Dask workers, on CPU or GPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import faiss
 import numpy as np
+from scipy import sparse
 
-from deepercluster.errors import DataError
+from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances
+from deepercluster.errors import ConfigError, DataError
 
 EPS = 1e-7
+GRID_BITS = 23  # grid step = 2^(e - GRID_BITS): every grid value is exact in float32
+MAX_ROWS = 1 << 30  # float64 sums of grid values stay exact up to this many rows
+BLOCK_ROWS = 1 << 16  # rows assigned per call for in-memory data
 
 
 @dataclass
@@ -21,34 +35,109 @@ class KMeansResult:
     centroids: np.ndarray  # (k, d) float32
     assign: np.ndarray  # (n,) int64
     distance: np.ndarray  # (n,) float32: squared L2 to the assigned centroid
-    inertia: float  # sum of ``distance``
+    inertia: float  # sum of ``distance`` (float64)
     repairs: int = 0  # empty clusters re-seeded over all iterations
     k_requested: int = 0
     history: list[float] = field(default_factory=list)  # inertia after each assignment pass
+    rechecked: int = 0  # row assignments re-decided in float64 (near-ties of the float32 search)
 
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
 
 
-def assign_to_centroids(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (squared L2) of every row of ``x``."""
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    dist, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    return idx[:, 0].astype(np.int64), np.maximum(dist[:, 0], 0)
+class VectorSource(Protocol):
+    """Rows to cluster: ``n`` rows of width ``dim`` on the fixed-point grid, read block by block."""
+
+    n: int
+    dim: int
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(position of the block's first row, float32 C-contiguous rows); every row exactly once."""
+        ...
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at sorted ``positions``."""
+        ...
+
+
+class ArrayVectors:
+    """An in-memory (n, d) float32 array as a source."""
+
+    def __init__(self, x: np.ndarray, block_rows: int = BLOCK_ROWS):
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.n, self.dim = self.x.shape
+        self.block_rows = block_rows
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for lo in range(0, self.n, self.block_rows):
+            yield lo, self.x[lo : lo + self.block_rows]
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self.x[positions]
+
+
+def grid_exponent(max_abs: float) -> int:
+    """Smallest e with max_abs <= 2^e."""
+    return int(np.ceil(np.log2(max_abs))) if max_abs > 0 else 0
+
+
+def snap_to_grid(x: np.ndarray, exponent: int | None = None) -> np.ndarray:
+    """Round float32 ``x`` to multiples of 2^(e-23) (e: ``exponent``, default from max |x|); a new array. The
+    change is at most half a float32 ulp of max |x|, and afterwards cluster sums are exact."""
+    x = np.asarray(x, dtype=np.float32)
+    e = grid_exponent(float(np.abs(x).max(initial=0))) if exponent is None else exponent
+    scale = np.float32(2.0 ** (GRID_BITS - e))
+    out = np.multiply(x, scale)
+    np.rint(out, out=out)
+    out *= np.float32(2.0 ** (e - GRID_BITS))
+    return out
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise DataError(f"{what} holds non-finite values (rows {bad[:5].tolist()}...): re-extract it")
 
 
 def cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster float64 sums and counts, in a fixed order (deterministic)."""
-    counts = np.bincount(assign, minlength=k)
-    order = np.argsort(assign, kind="stable")
-    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
-    nonempty = np.flatnonzero(counts)
-    if len(nonempty):
-        starts = np.concatenate([[0], np.cumsum(counts[nonempty])[:-1]])
-        sums[nonempty] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
-    return sums, counts
+    """Per-cluster float64 sums and counts of the rows of ``x``. Exact (so order-free) for grid values: a sparse
+    one-hot (k x n) times ``x`` in float64."""
+    n = len(assign)
+    onehot = sparse.csc_matrix((np.ones(n), assign, np.arange(n + 1)), shape=(k, n))
+    return np.asarray(onehot @ x, dtype=np.float64), np.bincount(assign, minlength=k)
+
+
+@dataclass
+class Membership:
+    """The cluster of every row after the last pass, with the exact per-cluster sums and counts of that membership.
+
+    A pass only moves the rows whose cluster changed (subtracted from the old sum, added to the new one): exact
+    arithmetic makes this equal to recomputing every sum, and after the first iterations few rows move."""
+
+    labels: np.ndarray  # (n,) int64; -1 before the first pass
+    sums: np.ndarray  # (k, d) float64
+    counts: np.ndarray  # (k,) int64
+
+    @classmethod
+    def empty(cls, n: int, k: int, dim: int) -> Membership:
+        return cls(np.full(n, -1, dtype=np.int64), np.zeros((k, dim)), np.zeros(k, dtype=np.int64))
+
+    def move(self, lo: int, x: np.ndarray, new: np.ndarray) -> None:
+        old = self.labels[lo : lo + len(x)]
+        changed = np.flatnonzero(old != new)
+        if len(changed) == 0:
+            return
+        k = len(self.counts)
+        o, nw = old[changed], new[changed]
+        had = np.flatnonzero(o >= 0)
+        rows = np.concatenate([nw, o[had]])
+        cols = np.concatenate([np.arange(len(changed)), had])
+        signs = np.concatenate([np.ones(len(changed)), -np.ones(len(had))])
+        delta = sparse.csr_matrix((signs, (rows, cols)), shape=(k, len(changed))) @ x[changed]
+        self.sums += delta
+        self.counts += np.bincount(nw, minlength=k) - np.bincount(o[had], minlength=k)
+        old[changed] = nw
 
 
 def repair_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -70,33 +159,76 @@ def repair_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
     return len(empty)
 
 
-def check_finite(x: np.ndarray, what: str) -> None:
-    if not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise DataError(f"{what} holds non-finite values (rows {bad[:5].tolist()}...): re-extract it")
+def _assign_pass(source: VectorSource, centroids: np.ndarray, backend: str, membership: Membership | None,
+                 exact: bool = True) -> tuple[float, int, np.ndarray | None, np.ndarray | None]:
+    """One pass over the source: moves rows in ``membership``, or (final pass, None) returns every row's label and
+    distance (``exact``: recomputed row by row, the same bits whatever the batching; else the float32 search's).
+    Returns (approximate inertia, rows re-decided in float64, labels, distances)."""
+    nc = NearestCentroid(centroids, backend)
+    approx = 0.0
+    labels_all = distance = None
+    if membership is None:
+        labels_all = np.empty(source.n, dtype=np.int64)
+        distance = np.empty(source.n, dtype=np.float32)
+    for lo, xb in source.blocks():
+        labels, dist = nc.assign(xb)
+        approx += float(dist.sum(dtype=np.float64))
+        if membership is None:
+            labels_all[lo : lo + len(xb)] = labels
+            distance[lo : lo + len(xb)] = exact_sq_distances(xb, nc.centroids, labels, np.float32) if exact else dist
+        else:
+            membership.move(lo, xb, labels)
+    return approx, nc.rechecked, labels_all, distance
 
 
-def kmeans(x: np.ndarray, k: int, niter: int, seed: int | np.random.SeedSequence) -> KMeansResult:
-    """k-means of the rows of ``x``. When ``k`` exceeds the number of distinct rows it is lowered to it."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    check_finite(x, "input of k-means")
-    n = len(x)
+def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence,
+          init: np.ndarray | None = None, backend: str = "cpu", exact_distances: bool = True) -> KMeansResult:
+    """k-means of a source whose rows lie on the fixed-point grid. ``k`` is lowered to the number of rows when it
+    exceeds it; ``init`` gives the initial centroids (default: ``k`` distinct rows drawn with ``seed``). Without
+    ``exact_distances`` the returned distances (and inertia) are the float32 search's, which may differ in the last
+    bits with the batching; the assignments never do."""
+    n = source.n
     if n == 0:
         raise DataError("k-means got no points")
+    if n > MAX_ROWS:
+        raise ConfigError(f"k-means of {n} rows: at most {MAX_ROWS} per unit (use more super-clusters)")
     rng = np.random.default_rng(seed)
-    k_eff = min(k, n)
-    centroids = x[np.sort(rng.choice(n, size=k_eff, replace=False))].astype(np.float64)
-    repairs, history = 0, []
+    if init is None:
+        centroids = source.take(np.sort(rng.choice(n, size=min(k, n), replace=False))).astype(np.float64)
+    else:
+        centroids = np.array(init, dtype=np.float64)
+    repairs, rechecked, history = 0, 0, []
+    membership = Membership.empty(n, len(centroids), source.dim)
     for _ in range(niter):
-        assign, dist = assign_to_centroids(x, centroids)
-        history.append(float(dist.sum()))
-        sums, counts = cluster_sums(x, assign, k_eff)
-        nonempty = counts > 0
-        centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
-        repairs += repair_empty(centroids, counts, rng)
-    assign, dist = assign_to_centroids(x, centroids)
-    history.append(float(dist.sum()))
+        approx, checked, _, _ = _assign_pass(source, centroids, backend, membership)
+        history.append(approx)
+        rechecked += checked
+        nonempty = membership.counts > 0
+        centroids[nonempty] = membership.sums[nonempty] / membership.counts[nonempty, None]
+        repairs += repair_empty(centroids, membership.counts, rng)
+    del membership
+    _, checked, labels, distance = _assign_pass(source, centroids, backend, None, exact_distances)
+    inertia = float(distance.sum(dtype=np.float64))
+    history.append(inertia)
     return KMeansResult(
-        centroids=centroids.astype(np.float32), assign=assign, distance=dist.astype(np.float32),
-        inertia=float(dist.astype(np.float64).sum()), repairs=repairs, k_requested=k, history=history,
+        centroids=centroids.astype(np.float32), assign=labels, distance=distance,
+        inertia=inertia, repairs=repairs, k_requested=k, history=history, rechecked=rechecked + checked,
     )
+
+
+def kmeans(x: np.ndarray, k: int, niter: int, seed: int | np.random.SeedSequence, init: np.ndarray | None = None,
+           backend: str = "cpu") -> KMeansResult:
+    """k-means of the rows of ``x`` in memory (snapped to the fixed-point grid first: a copy). When ``k`` exceeds
+    the number of rows it is lowered to it; duplicate rows leave clusters empty, which are repaired."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise DataError(f"k-means needs a 2-d array of rows, got shape {x.shape}")
+    check_finite(x, "input of k-means")
+    return lloyd(ArrayVectors(snap_to_grid(x)), k, niter, seed, init=init, backend=backend)
+
+
+def assign_to_centroids(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (squared L2) of every row of ``x``: labels and float32 distances."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    labels, _ = NearestCentroid(centroids).assign(x)
+    return labels, exact_sq_distances(x, np.asarray(centroids, dtype=np.float32), labels).astype(np.float32)

@@ -39,13 +39,50 @@ def l2_normalise(y: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), eps)
 
 
+class Moments:
+    """Exact first and second moments of rows seen block by block (float64 sums), for a streamed PCA fit.
+
+    Rows are centred on a reference (the first row seen) before the products are summed, so the covariance does not
+    lose precision when features have a large common offset."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.ref: np.ndarray | None = None
+        self.total = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+
+    def add(self, x: np.ndarray) -> None:
+        if len(x) == 0:
+            return
+        x = np.asarray(x, dtype=np.float64)
+        if self.ref is None:
+            self.ref = x[0].copy()
+        y = x - self.ref
+        self.n += len(y)
+        self.total += y.sum(axis=0)
+        self.outer += y.T @ y
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and (biased) covariance of every row added."""
+        if self.n == 0 or self.ref is None:
+            raise ValueError("no rows were added")
+        mu = self.total / self.n
+        return self.ref + mu, self.outer / self.n - np.outer(mu, mu)
+
+
 def fit_pca(sample: np.ndarray, dim: int, whiten: bool = True, eps: float = 1e-5) -> PCAWhitening:
     """Exact PCA of ``sample`` (float64 covariance + eigh); ``dim`` is capped at the feature width."""
-    x = np.asarray(sample, dtype=np.float64)
-    mean = x.mean(axis=0)
-    cov = np.cov(x - mean, rowvar=False, bias=True).reshape(x.shape[1], x.shape[1])
+    moments = Moments(np.asarray(sample).shape[1])
+    moments.add(sample)
+    return pca_from_moments(moments, dim, whiten=whiten, eps=eps)
+
+
+def pca_from_moments(moments: Moments, dim: int, whiten: bool = True, eps: float = 1e-5) -> PCAWhitening:
+    """PCA-whitening from the exact moments of a sample (see :class:`Moments`)."""
+    mean, cov = moments.mean_cov()
+    cov = (cov + cov.T) / 2
     eigval, eigvec = np.linalg.eigh(cov)
-    order = np.argsort(eigval)[::-1][: min(dim, x.shape[1])]
+    order = np.argsort(eigval)[::-1][: min(dim, len(mean))]
     components = eigvec[:, order].T
     # a deterministic sign per component, so equal inputs give equal outputs whatever LAPACK does
     signs = np.sign(components[np.arange(len(order)), np.abs(components).argmax(axis=1)])

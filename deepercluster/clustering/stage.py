@@ -1,9 +1,13 @@
-"""The cluster stage: round features -> PCA-whitening + L2 -> level 1 (m super-clusters) -> level 2 (k
-sub-clusters inside each super-cluster, one unit of work per super-cluster) -> ``assignments.parquet``.
+"""The cluster stage: round features -> PCA-whitening + L2 (shard by shard) -> level 1 (m super-clusters) ->
+level 2 (k sub-clusters inside each super-cluster, one unit of work per super-cluster) -> ``assignments.parquet``.
 
-Outputs under ``rounds/<r>/clusters/``: ``pca.npz``, ``super.parquet`` + ``super_centroids.npy`` (level 1),
-``sub-<s>.parquet`` + ``sub-<s>_centroids.npy`` (level 2, per super-cluster), ``assignments.parquet``
-(image_id, super, sub, target, distance) and ``stats.json``. With m = 1 it is plain DeepCluster k-means.
+Outputs under ``rounds/<r>/clusters/``: ``pca.npz``, ``whitened.zarr`` (N x d float32, one zarr shard per image
+shard), ``super.parquet`` + ``super_centroids.npy`` (level 1), ``sub-<s>.parquet`` + ``sub-<s>_centroids.npy``
+(level 2, per super-cluster), ``assignments.parquet`` (image_id, super, sub, target, distance), ``stats.json`` and
+``sizes.png`` (cluster-size histogram). With m = 1 it is plain DeepCluster k-means.
+
+No step needs every feature in memory: a k-means unit whose vectors exceed ``cluster.memory_budget_mb`` streams
+its shards at every Lloyd iteration (the "sharded" k-means), and gives the same assignments as in memory.
 """
 
 from __future__ import annotations
@@ -13,60 +17,57 @@ import io
 import numpy as np
 import pandas as pd
 
-from deepercluster.clustering.kmeans import check_finite, kmeans
-from deepercluster.clustering.pca import PCAWhitening, fit_pca
+from deepercluster.clustering.assign import resolve_backend
+from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd
+from deepercluster.clustering.memory import bound_heap, release
+from deepercluster.clustering.plots import size_histogram
+from deepercluster.clustering.vectors import (
+    ShardedVectors,
+    members_by_shard,
+    open_round_features,
+    shard_ranges,
+    shard_rows,
+)
+from deepercluster.clustering.whitening import (
+    STAGE,
+    _seed,
+    checked,
+    clusters_rel,
+    ensure_pca,
+    open_whitened,
+    whiten_round,
+    whitened_features,
+)
 from deepercluster.config import PipelineConfig
-from deepercluster.data.shard import load_manifest, shard_ids
 from deepercluster.errors import ConfigError, DataError
-from deepercluster.features import open_features
-from deepercluster.store import RunStore, round_dir
+from deepercluster.store import RunStore
 
-STAGE = "cluster"
+__all__ = [
+    "STAGE", "LEVEL1_UNIT", "assignments_rel", "clusters_rel", "cluster_stats", "cluster_super", "finalize_cluster",
+    "load_assignments", "load_round_features", "prepare_cluster", "run_cluster_stage", "whitened_features",
+]
+
 LEVEL1_UNIT = "level1"
-
-
-def clusters_rel(r: int, name: str = "") -> str:
-    return f"{round_dir(r)}/clusters/{name}".rstrip("/")
+HISTOGRAM = "sizes.png"
+BYTES_PER_MEMBER = 16  # labels (int64) + distance (float64) kept for every row of a k-means unit
 
 
 def assignments_rel(r: int) -> str:
     return clusters_rel(r, "assignments.parquet")
 
 
-def _seed(cfg: PipelineConfig, r: int, level: int, unit: int = 0) -> np.random.SeedSequence:
-    return np.random.SeedSequence([cfg.seed, r, level, unit])
+def super_unit(s: int) -> str:
+    return f"super-{s:04d}"
 
 
 def load_round_features(store: RunStore, r: int) -> np.ndarray:
-    """All features of a round as float32, checked finite shard by shard (the error names the shard)."""
-    array = open_features(store, r)
-    manifest = load_manifest(store)
+    """All features of a round as float32, checked finite shard by shard (the error names the shard). For small
+    runs and tests: the stage itself never loads every feature."""
+    array = open_round_features(store, r)
     out = np.empty(array.shape, dtype=np.float32)
-    for s in shard_ids(manifest):
-        rows = manifest["image_id"][manifest["shard"] == s]
-        lo, hi = int(rows.iloc[0]), int(rows.iloc[-1]) + 1
-        block = array[lo:hi].astype(np.float32)
-        try:
-            check_finite(block, f"feature shard {s} of round {r}")
-        except DataError as err:
-            raise DataError(f"{err} (rows {lo}-{hi - 1} of {store.url(f'{round_dir(r)}/features.zarr')})") from None
-        out[lo:hi] = block
+    for s, (lo, hi) in enumerate(shard_ranges(int(array.shape[0]), shard_rows(array))):
+        out[lo:hi] = checked(array[lo:hi], store, r, s, lo)
     return out
-
-
-def whitened_features(store: RunStore, cfg: PipelineConfig, r: int) -> np.ndarray:
-    """Features after the round's PCA-whitening and L2-normalisation (fits and saves the PCA on first use)."""
-    x = load_round_features(store, r)
-    rel = clusters_rel(r, "pca.npz")
-    if store.exists(rel):
-        pca = PCAWhitening.from_bytes(store.read_bytes(rel))
-    else:
-        rng = np.random.default_rng(_seed(cfg, r, 0))
-        sample = x if len(x) <= cfg.cluster.pca_sample else x[np.sort(rng.choice(len(x), cfg.cluster.pca_sample,
-                                                                                  replace=False))]
-        pca = fit_pca(sample, cfg.cluster.pca_dim, whiten=cfg.cluster.whiten)
-        store.write_bytes(rel, pca.to_bytes())
-    return pca.transform(x)
 
 
 def _save_npy(store: RunStore, rel: str, a: np.ndarray) -> None:
@@ -75,73 +76,123 @@ def _save_npy(store: RunStore, rel: str, a: np.ndarray) -> None:
     store.write_bytes(rel, buf.getvalue())
 
 
+def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
+    """Whether ``n`` whitened vectors of width ``dim`` (plus their labels and distances) fit the memory budget."""
+    return n * (4 * dim + BYTES_PER_MEMBER) <= cfg.cluster.memory_budget_mb * 2**20
+
+
+def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray | None, k: int,
+                 seed: np.random.SeedSequence, exact_distances: bool = True) -> tuple[KMeansResult, bool]:
+    """k-means of the whitened rows ``ids`` (sorted; None = all): gathered in memory when they fit the budget, else
+    streamed shard by shard at every iteration. Returns the result and whether it streamed."""
+    array = open_whitened(store, r)
+    n = int(array.shape[0])
+    source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.cluster.stream_threads)
+    streamed = not fits_in_memory(cfg, source.n, source.dim)
+    data = source if streamed else ArrayVectors(source.gather())
+    backend = resolve_backend(cfg.runtime.device)
+    return lloyd(data, k, cfg.cluster.niter, seed, backend=backend, exact_distances=exact_distances), streamed
+
+
+def _discard(store: RunStore, r: int) -> None:
+    """Forget a half-made stage (bad input): nothing of it stays in the store."""
+    store.reset_stage(STAGE, r)
+    store.remove(clusters_rel(r))
+
+
 def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> list[int]:
-    """PCA + level 1; returns the super-clusters whose level-2 unit is still to do."""
+    """PCA + whitening + level 1; returns the super-clusters whose level-2 unit is still to do."""
     if force:
-        store.reset_stage(STAGE, r)
-        store.remove(clusters_rel(r))
-    n = len(load_manifest(store))
+        _discard(store, r)
+    n = int(open_round_features(store, r).shape[0])
     m, k = cfg.cluster.super_clusters, cfg.cluster.k
     if m * k > n:
         raise ConfigError(f"cluster.k x cluster.super_clusters = {m * k} exceeds the {n} images of the run")
+    bound_heap()
     if not store.is_done(STAGE, r, LEVEL1_UNIT):
-        x = whitened_features(store, cfg, r)
+        try:
+            whiten_round(store, cfg, r, ensure_pca(store, cfg, r))
+        except DataError:
+            _discard(store, r)
+            raise
+        release()
         if m > 1:
-            res = kmeans(x, m, cfg.cluster.niter, _seed(cfg, r, 1))
-            super_ids, inertia, repairs = res.assign, res.inertia, res.repairs
+            # level-1 distances are not kept: its inertia is the float32 search's (last bits may vary with batching)
+            res, streamed = cluster_rows(store, cfg, r, None, m, _seed(cfg, r, 1), exact_distances=False)
+            super_ids = res.assign
+            info = {"inertia": res.inertia, "repairs": res.repairs, "streamed": streamed, "rechecked": res.rechecked}
             _save_npy(store, clusters_rel(r, "super_centroids.npy"), res.centroids)
         else:
-            super_ids, inertia, repairs = np.zeros(n, dtype=np.int64), 0.0, 0
+            super_ids = np.zeros(n, dtype=np.int64)
+            info = {"inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
         store.write_parquet(clusters_rel(r, "super.parquet"), pd.DataFrame({"image_id": np.arange(n),
-                                                                           "super": super_ids}))
-        store.mark_done(STAGE, r, LEVEL1_UNIT, {"inertia": inertia, "repairs": repairs})
+                                                                           "super": super_ids.astype(np.int32)}))
+        store.mark_done(STAGE, r, LEVEL1_UNIT, info)
+        release()
     done = set(store.done_units(STAGE, r))
-    return [s for s in range(m) if f"super-{s:04d}" not in done]
+    return [s for s in range(m) if super_unit(s) not in done]
 
 
 def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[str, float]:
     """Level 2 for super-cluster ``s``: k-means of its members into ``k`` sub-clusters (fewer if it is smaller)."""
-    unit = f"super-{s:04d}"
+    unit = super_unit(s)
     if store.is_done(STAGE, r, unit):
         return store.done_record(STAGE, r, unit)
-    x = whitened_features(store, cfg, r)
-    members = store.read_parquet(clusters_rel(r, "super.parquet"))
-    ids = members["image_id"].to_numpy()[members["super"].to_numpy() == s]
+    bound_heap()
+    supers = store.read_parquet(clusters_rel(r, "super.parquet"), columns=["super"])["super"].to_numpy()
+    ids = np.flatnonzero(supers == s)
+    del supers
+    release()
     if len(ids) == 0:
-        info = {"members": 0, "k": 0, "inertia": 0.0, "repairs": 0}
+        info = {"members": 0, "k": 0, "inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
         sub, dist = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     else:
-        res = kmeans(x[ids], cfg.cluster.k, cfg.cluster.niter, _seed(cfg, r, 2, s))
+        res, streamed = cluster_rows(store, cfg, r, ids, cfg.cluster.k, _seed(cfg, r, 2, s))
         sub, dist = res.assign, res.distance
         _save_npy(store, clusters_rel(r, f"sub-{s:04d}_centroids.npy"), res.centroids)
-        info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs}
+        info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
+                "streamed": streamed, "rechecked": res.rechecked}
     store.write_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"),
-                        pd.DataFrame({"image_id": ids, "sub": sub, "distance": dist}))
+                        pd.DataFrame({"image_id": ids, "sub": sub.astype(np.int32), "distance": dist}))
     store.mark_done(STAGE, r, unit, info)
+    release()
     return info
 
 
 def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
-    """Merge the level-2 units into ``assignments.parquet`` and write ``stats.json``."""
+    """Merge the level-2 units into ``assignments.parquet``; write ``stats.json`` and the size histogram."""
     m, k = cfg.cluster.super_clusters, cfg.cluster.k
-    parts = []
-    for s in range(m):
+    bound_heap()
+    supers = store.read_parquet(clusters_rel(r, "super.parquet"), columns=["super"])["super"].to_numpy()
+    n = len(supers)
+    sub, distance = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
+    for s in range(m):  # each part: the members of one super-cluster, by image_id
         part = store.read_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"))
-        parts.append(part.assign(super=s))
-    a = pd.concat(parts).sort_values("image_id").reset_index(drop=True)
-    a["target"] = a["super"] * k + a["sub"]
-    a = a[["image_id", "super", "sub", "target", "distance"]]
+        ids = part["image_id"].to_numpy()
+        sub[ids], distance[ids] = part["sub"].to_numpy(), part["distance"].to_numpy()
+        del part, ids
+    release()
+    supers = supers.astype(np.int64)
+    a = pd.DataFrame({"image_id": np.arange(n), "super": supers, "sub": sub, "target": supers * k + sub,
+                      "distance": distance})
+    del sub, distance
     store.write_parquet(assignments_rel(r), a)
+    sizes = np.bincount(a["target"].to_numpy(), minlength=m * k)
     stats = cluster_stats(a["target"].to_numpy(), m * k)
     level1 = store.done_record(STAGE, r, LEVEL1_UNIT)
-    units = [store.done_record(STAGE, r, f"super-{s:04d}") for s in range(m)]
+    units = [store.done_record(STAGE, r, super_unit(s)) for s in range(m)]
     stats.update(
-        level1={"k": m, "inertia": level1["inertia"], "repairs": level1["repairs"]},
+        level1={"k": m, "inertia": level1["inertia"], "repairs": level1["repairs"],
+                "streamed": level1.get("streamed", False)},
         level2={"k": k, "inertia": float(sum(u["inertia"] for u in units)),
                 "repairs": int(sum(u["repairs"] for u in units)),
-                "clamped": [s for s, u in enumerate(units) if u["k"] < k]},
-        super_sizes=np.bincount(a["super"], minlength=m).tolist(),
+                "clamped": [s for s, u in enumerate(units) if u["k"] < k],
+                "streamed": [s for s, u in enumerate(units) if u.get("streamed")]},
+        super_sizes=np.bincount(supers, minlength=m).tolist(),
+        rechecked=int(level1.get("rechecked", 0) + sum(u.get("rechecked", 0) for u in units)),
+        histogram=HISTOGRAM,
     )
+    store.write_bytes(clusters_rel(r, HISTOGRAM), size_histogram(sizes, f"round {r}: {m} x {k} targets"))
     store.write_json(clusters_rel(r, "stats.json"), stats)
     store.mark_stage_done(STAGE, r, {"targets": m * k, "non_empty": stats["non_empty"]})
     return stats

@@ -26,27 +26,40 @@ class ImageList(Dataset):
         return self.transform(decode(read_bytes(self.uris[i])))
 
 
+def read_image_bytes(uri: str) -> bytes:
+    """The file's bytes: a plain read for a local path (fsspec's open costs more than the read of a small image),
+    fsspec for any other URL."""
+    if "://" not in uri:
+        with open(uri, "rb") as f:
+            return f.read()
+    return read_bytes(uri)
+
+
 class PseudoLabelled(Dataset):
     """Training samples. Index ``(row, seed)`` pairs come from the sampler; the seed fixes the crop, the flip and
     the rotation, so a sample depends on nothing but its position in the epoch.
 
-    Returns ``(image, super_class, sub_class)`` where ``super_class = super_cluster * n_rot + rotation``.
+    Returns ``(image, super_class, sub_class)`` where ``super_class = super_cluster * n_rot + rotation``. With
+    ``rotation`` given, every sample is turned by it (a DeeperCluster communication group trains one rotation).
     """
 
     def __init__(self, uris: Sequence[str], super_ids: Sequence[int], sub_ids: Sequence[int], view: TrainingView,
-                 n_rotations: int):
+                 n_rotations: int, rotation: int | None = None):
+        if rotation is not None and not 0 <= rotation < n_rotations:
+            raise ValueError(f"rotation {rotation} is not in [0, {n_rotations})")
         self.uris = list(uris)
         self.super_ids = torch.tensor(np.asarray(super_ids), dtype=torch.long)  # a copy: inputs may be read-only
         self.sub_ids = torch.tensor(np.asarray(sub_ids), dtype=torch.long)
         self.view = view
         self.n_rotations = n_rotations
+        self.rotation = rotation
 
     def __len__(self) -> int:
         return len(self.uris)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         row, seed = item
-        rotation = seed % self.n_rotations
-        x = self.view(decode(read_bytes(self.uris[row])), seed=seed, rotation=rotation)
+        rotation = seed % self.n_rotations if self.rotation is None else self.rotation
+        x = self.view(decode(read_image_bytes(self.uris[row])), seed=seed, rotation=rotation)
         super_class = int(self.super_ids[row]) * self.n_rotations + rotation
         return x, super_class, int(self.sub_ids[row])

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (config.data.max_pixels), checked before decoding
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+_TAR_MEMBER = re.compile(r"^tar://(?P<member>.*)@(?P<offset>\d+):(?P<size>\d+)::(?P<url>.+)$")
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -28,19 +32,42 @@ class Probe:
     reject: str | None = None
 
 
+def tar_member_uri(tar_url: str, member: str, offset: int, size: int) -> str:
+    """The URI of one member of an uncompressed tar: read in place by one ranged read."""
+    return f"tar://{member}@{offset}:{size}::{tar_url}"
+
+
 def read_bytes(uri: str) -> bytes:
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+    """The bytes at ``uri``: any fsspec URL, or a tar member URI (see :func:`tar_member_uri`)."""
+    m = _TAR_MEMBER.match(uri)
+    if m is None:
+        with fsspec.open(uri, "rb") as f:
+            return f.read()
+    with fsspec.open(m["url"], "rb") as f:
+        f.seek(int(m["offset"]))
+        return f.read(int(m["size"]))
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float images (scientific TIFFs, 16-bit PNGs) to 8-bit grey, scaled by their range."""
+    a = np.asarray(img).astype(np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+    if img.mode == "F":
+        top = max(float(a.max(initial=0)), 1e-12) if a.max(initial=0) > 1 else 1.0
+    return Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """First frame, EXIF orientation applied, any mode (palette, CMYK, 16-bit, grey) to 8-bit RGB."""
+    """First frame, EXIF orientation applied, any mode (palette, CMYK, 16-bit, grey) to 8-bit RGB; transparent
+    pixels are composited on white."""
     if getattr(img, "is_animated", False):
         img.seek(0)
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")
-    if img.mode in ("P", "PA", "LA", "RGBA"):
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit_grey(img)
+    if img.mode == "P" and "transparency" not in img.info:
+        return img.convert("RGB")
+    if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in img.info:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
@@ -55,7 +82,17 @@ def decode(data: bytes) -> Image.Image:
     return to_rgb(img)
 
 
-def probe(uri: str, max_pixels: int) -> Probe:
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height once the EXIF orientation is applied (without transposing the pixels)."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block: the pixels are still usable, as they are stored
+        orientation = None
+    return (h, w) if orientation in _TRANSPOSED else (w, h)
+
+
+def probe(uri: str, max_pixels: int, min_side: int = 1) -> Probe:
     """Read and fully decode one image; any failure becomes a reject reason instead of an exception."""
     try:
         data = read_bytes(uri)
@@ -63,7 +100,7 @@ def probe(uri: str, max_pixels: int) -> Probe:
         return Probe(uri, reject="missing")
     except PermissionError:
         return Probe(uri, reject="permission denied")
-    except OSError as err:
+    except Exception as err:  # any other failure of the storage layer (network, bad URL) is a reject too
         return Probe(uri, reject=f"unreadable: {err.__class__.__name__}")
     if not data:
         return Probe(uri, reject="empty file")
@@ -77,8 +114,12 @@ def probe(uri: str, max_pixels: int) -> Probe:
             img.load()
     except UnidentifiedImageError:
         return Probe(uri, nbytes=len(data), reject="not an image")
-    except (OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError:
+        return Probe(uri, nbytes=len(data), reject="too large")
+    except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, IndexError...: all are rejects
         reason = "truncated" if "truncated" in str(err).lower() else f"corrupt: {err.__class__.__name__}"
         return Probe(uri, nbytes=len(data), reject=reason)
-    w, h = ImageOps.exif_transpose(img).size
+    w, h = upright_size(img)
+    if min(w, h) < min_side:
+        return Probe(uri, width=w, height=h, nbytes=len(data), reject="too small")
     return Probe(uri, width=w, height=h, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())

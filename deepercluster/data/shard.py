@@ -1,133 +1,272 @@
-"""The shard stage: an image folder -> ``data/manifest.parquet`` (kept images) + ``data/rejects.parquet``.
+"""The shard stage: a data source -> ``data/manifest.parquet`` (kept images) + ``data/rejects.parquet``.
 
-Three steps, each resumable:
-1. ``list_source``: the sorted listing of the source is written once to ``data/listing.parquet`` and cut into parts.
-2. ``scan_part``: each part's files are read, decoded and hashed; one parquet per part, then a completion record.
-3. ``finalize_manifest``: parts are merged, exact duplicates (same content hash) are kept once, and the kept images
-   are numbered and cut into shards of ``shard_size`` rows, so that image shard ``s`` is exactly zarr shard ``s``.
+Three steps, each resumable, none holding the whole listing in memory:
+1. ``list_source`` streams the source (folder, file list, YFCC100M metadata, webdataset tars) into listing parts
+   ``data/listing/part-XXXXX.parquet`` of ``part_size`` rows, then writes ``data/listing/_complete.json``.
+2. ``scan_part`` reads, decodes and hashes the files of one listing part (one Dask task per part) into
+   ``data/parts/<part>.parquet``, then records the part as done.
+3. ``finalize_manifest`` drops exact duplicates (same content hash, first in listing order kept) by an external
+   hash-bucketed pass, numbers the kept images and streams them into the manifest in row groups of whole shards,
+   so that image shard ``s`` (rows with ``shard == s``) is exactly zarr shard ``s``.
 """
 
 from __future__ import annotations
 
-import os
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Callable
 
-import fsspec
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from deepercluster.config import DataConfig
-from deepercluster.data.digits import resolve_source
-from deepercluster.data.images import IMAGE_SUFFIXES, probe
+from deepercluster.data.images import probe
+from deepercluster.data.parquet_stream import ParquetStream, read_table, write_table
+from deepercluster.data.sources import extra_columns, iter_source, source_kind
 from deepercluster.errors import ConfigError
 from deepercluster.store import RunStore
 
 STAGE = "shard"
-PART_SIZE = 512
-LISTING = "data/listing.parquet"
+PART_SIZE = 512  # the default of ``DataConfig.part_size``
+LISTING = "data/listing"
+LISTING_DONE = f"{LISTING}/_complete.json"
+PARTS = "data/parts"
 MANIFEST = "data/manifest.parquet"
 REJECTS = "data/rejects.parquet"
+BUCKET_ROWS = 1 << 18  # hashes held at once by the duplicate search
+MAX_BUCKETS = 512
+ROW_GROUP_ROWS = 1 << 16  # manifest row groups: about this many rows, always whole shards
+PROBE_FIELDS = {"width": pa.int64(), "height": pa.int64(), "nbytes": pa.int64(), "sha256": pa.string()}
+ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}
 
 
 def part_name(i: int) -> str:
     return f"part-{i:05d}"
 
 
-def list_folder(source: str) -> pd.DataFrame:
-    """Every file under ``source`` (sorted); the first sub-folder level, when present, is the label."""
-    fs, root = fsspec.core.url_to_fs(source)
-    if not fs.isdir(root):
-        raise ConfigError(f"image folder {source!r} does not exist")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    rows = []
-    for path in sorted(fs.find(root)):
-        name = os.path.basename(path)
-        if name.startswith(".") or name.startswith("_"):
-            continue
-        rel = path[len(root) :].lstrip("/")
-        label = rel.split("/", 1)[0] if "/" in rel else None
-        uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
-        rows.append({"uri": uri, "label": label, "suffix": os.path.splitext(name)[1].lower()})
-    df = pd.DataFrame(rows, columns=["uri", "label", "suffix"])
-    if df.empty:
-        raise ConfigError(f"image folder {source!r} holds no files")
-    return df
+def listing_schema(kind: str) -> pa.Schema:
+    base = [("uri", pa.string()), ("label", pa.string()), ("reject", pa.string())]
+    return pa.schema(base + [(c, ARROW_TYPES[t]) for c, t in extra_columns(kind).items()])
 
 
+def manifest_schema(kind: str) -> pa.Schema:
+    fields = [("image_id", pa.int64()), ("uri", pa.string()), ("shard", pa.int64()), ("label", pa.string()),
+              *PROBE_FIELDS.items(), ("label_id", pa.int64())]
+    return pa.schema(fields + [(c, ARROW_TYPES[t]) for c, t in extra_columns(kind).items()])
+
+
+REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
+
+
+# ---- 1. listing ---------------------------------------------------------------------------------------------------
 def list_source(store: RunStore, cfg: DataConfig) -> list[str]:
-    """Write the listing once (it is the input of every part) and return the names of its parts."""
-    if not store.exists(LISTING):
-        listing = list_folder(resolve_source(cfg.source))
-        if cfg.limit:
-            listing = listing.iloc[: cfg.limit]
-        store.write_parquet(LISTING, listing)
-    n = len(store.read_parquet(LISTING, columns=["uri"]))
-    return [part_name(i) for i in range(-(-n // PART_SIZE))]
+    """Stream the source into listing parts once (a killed listing starts over) and return the part names."""
+    if not store.exists(LISTING_DONE):
+        kind = source_kind(cfg)
+        schema = listing_schema(kind)
+        rows: list[dict] = []
+        n = parts = 0
+        for row in iter_source(cfg):
+            rows.append(row)
+            n += 1
+            if len(rows) == cfg.part_size:
+                write_table(store, f"{LISTING}/{part_name(parts)}.parquet", pa.Table.from_pylist(rows, schema))
+                rows, parts = [], parts + 1
+            if cfg.limit and n >= cfg.limit:
+                break
+        if rows:
+            write_table(store, f"{LISTING}/{part_name(parts)}.parquet", pa.Table.from_pylist(rows, schema))
+            parts += 1
+        if n == 0:
+            raise ConfigError(f"data source {cfg.source!r} lists no image")
+        store.write_json(LISTING_DONE, {"kind": kind, "rows": n, "parts": parts, "part_size": cfg.part_size})
+    return [part_name(i) for i in range(store.read_json(LISTING_DONE)["parts"])]
 
 
+# ---- 2. scanning --------------------------------------------------------------------------------------------------
 def scan_part(store: RunStore, cfg: DataConfig, part: str) -> dict[str, int]:
-    """Probe every file of one part; write ``data/parts/<part>.parquet`` and its completion record."""
+    """Probe every file of one listing part; write ``data/parts/<part>.parquet`` and its completion record."""
     if store.is_done(STAGE, None, part):
         return store.done_record(STAGE, None, part)["counts"]
-    i = int(part.rsplit("-", 1)[1])
-    listing = store.read_parquet(LISTING).iloc[i * PART_SIZE : (i + 1) * PART_SIZE]
-    rows = []
-    for uri, label, suffix in listing.itertuples(index=False):
-        if suffix not in IMAGE_SUFFIXES:
-            rows.append({"uri": uri, "label": label, "width": 0, "height": 0, "nbytes": 0, "sha256": "",
-                         "reject": "not an image"})
-            continue
-        p = probe(uri, cfg.max_pixels)
-        rows.append({"uri": uri, "label": label, "width": p.width, "height": p.height, "nbytes": p.nbytes,
-                     "sha256": p.sha256, "reject": p.reject})
-    df = pd.DataFrame(rows)
-    store.write_parquet(f"data/parts/{part}.parquet", df)
-    counts = {"kept": int(df["reject"].isna().sum()), "rejected": int(df["reject"].notna().sum())}
+    listing = read_table(store, f"{LISTING}/{part}.parquet")
+    probed: dict[str, list] = {name: [] for name in PROBE_FIELDS}
+    rejects = []
+    for uri, reject in zip(listing["uri"].to_pylist(), listing["reject"].to_pylist(), strict=True):
+        p = probe(uri, cfg.max_pixels, cfg.min_side) if reject is None else None
+        for name in PROBE_FIELDS:
+            probed[name].append(getattr(p, name) if p else (0 if name != "sha256" else ""))
+        rejects.append(p.reject if p else reject)
+    table = listing.drop_columns(["reject"])
+    for name, typ in PROBE_FIELDS.items():
+        table = table.append_column(pa.field(name, typ), pa.array(probed[name], typ))
+    table = table.append_column(pa.field("reject", pa.string()), pa.array(rejects, pa.string()))
+    write_table(store, f"{PARTS}/{part}.parquet", table)
+    kept = sum(r is None for r in rejects)
+    counts = {"kept": kept, "rejected": len(rejects) - kept}
     store.mark_done(STAGE, None, part, {"counts": counts})
     return counts
 
 
-def finalize_manifest(store: RunStore, cfg: DataConfig) -> dict[str, int]:
-    """Merge the parts into the manifest and the rejects; number kept images and cut them into shards."""
+# ---- 3. the manifest ----------------------------------------------------------------------------------------------
+def _duplicates(store: RunStore, parts: list[str], n_kept: int) -> tuple[dict[int, set[int]], list[str]]:
+    """Rows (part index -> row numbers) whose content hash was already seen earlier in listing order, and the
+    sorted labels. Hashes are spread over buckets of at most ~``BUCKET_ROWS`` rows on local scratch disk, and
+    one bucket at a time is searched, so memory is bounded whatever the number of images."""
+    n_buckets = min(MAX_BUCKETS, max(1, -(-n_kept // BUCKET_ROWS)))
+    labels: set[str] = set()
+    schema = pa.schema([("sha256", pa.string()), ("part", pa.int32()), ("row", pa.int32())])
+    dups: dict[int, set[int]] = defaultdict(set)
+    with tempfile.TemporaryDirectory(prefix="deepercluster-dedupe-") as tmp:
+        writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+        for i, part in enumerate(parts):
+            t = read_table(store, f"{PARTS}/{part}.parquet", columns=["sha256", "label", "reject"])
+            kept = t["reject"].is_null().to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero(kept).astype(np.int32)
+            hashes = t["sha256"].filter(pa.array(kept)).to_pylist()
+            labels.update(x for x in t["label"].filter(pa.array(kept)).to_pylist() if x is not None)
+            bucket = np.array([int(h[:12], 16) % n_buckets for h in hashes], dtype=np.int64)
+            for b in np.unique(bucket):
+                sel = bucket == b
+                if int(b) not in writers:
+                    writers[int(b)] = ipc.new_stream(f"{tmp}/{b}.arrow", schema)
+                writers[int(b)].write_batch(pa.record_batch(
+                    [pa.array([h for h, s in zip(hashes, sel, strict=True) if s], pa.string()),
+                     pa.array(np.full(int(sel.sum()), i, np.int32)), pa.array(rows[sel])], schema=schema))
+        for w in writers.values():
+            w.close()
+        for b in sorted(writers):
+            with pa.memory_map(f"{tmp}/{b}.arrow") as source:
+                df = ipc.open_stream(source).read_all().to_pandas()
+            again = df[df["sha256"].duplicated(keep="first")]
+            for part_i, row in zip(again["part"].tolist(), again["row"].tolist(), strict=True):
+                dups[part_i].add(row)
+            del df, again
+    return dups, sorted(labels)
+
+
+def finalize_manifest(store: RunStore, cfg: DataConfig) -> dict:
+    """Merge the parts into the manifest and the rejects (both streamed); number kept images and cut shards."""
     parts = list_source(store, cfg)
-    frames = [store.read_parquet(f"data/parts/{p}.parquet") for p in parts]
-    scanned = pd.concat(frames, ignore_index=True)
-    kept = scanned[scanned["reject"].isna()]
-    duplicate = kept["sha256"].duplicated(keep="first")
-    rejects = pd.concat([scanned[scanned["reject"].notna()], kept[duplicate].assign(reject="duplicate")])
-    manifest = kept[~duplicate].drop(columns=["reject"]).reset_index(drop=True)
-    if manifest.empty:
-        raise ConfigError(f"no readable image in {cfg.source!r} ({len(rejects)} rejected): see {REJECTS}")
-    manifest.insert(0, "image_id", range(len(manifest)))
-    manifest.insert(2, "shard", manifest["image_id"] // cfg.shard_size)
-    classes = sorted(manifest["label"].dropna().unique())
-    manifest["label_id"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).astype("Int64")
-    store.write_parquet(MANIFEST, manifest)
-    store.write_parquet(REJECTS, rejects[["uri", "reject"]].rename(columns={"reject": "reason"}))
-    info = {"images": len(manifest), "rejects": len(rejects), "shards": int(manifest["shard"].max()) + 1,
-            "classes": len(classes)}
+    missing = [p for p in parts if not store.is_done(STAGE, None, p)]
+    if missing:
+        raise ConfigError(f"shard: {len(missing)} listing parts are not scanned yet (first {missing[0]}): "
+                          "rerun the shard stage")
+    n_kept = sum(store.done_record(STAGE, None, p)["counts"]["kept"] for p in parts)
+    if n_kept == 0:
+        rejected = store.read_json(LISTING_DONE)["rows"]
+        raise ConfigError(f"no readable image in {cfg.source!r} ({rejected} rejected): see the parts in "
+                          f"{store.url(PARTS)}")
+    dups, classes = _duplicates(store, parts, n_kept)
+    class_ids = {c: i for i, c in enumerate(classes)}
+    kind = store.read_json(LISTING_DONE)["kind"]
+    schema = manifest_schema(kind)
+    group = cfg.shard_size * max(1, ROW_GROUP_ROWS // cfg.shard_size)
+    reasons: Counter[str] = Counter()
+    next_id = 0
+    with ParquetStream(store, MANIFEST, schema, group) as manifest, \
+            ParquetStream(store, REJECTS, REJECTS_SCHEMA, ROW_GROUP_ROWS) as rejects:
+        for i, part in enumerate(parts):
+            t = read_table(store, f"{PARTS}/{part}.parquet")
+            reject = t["reject"].to_pylist()
+            for row in dups.get(i, ()):
+                reject[row] = "duplicate"
+            keep = pa.array([r is None for r in reject])
+            out = t.filter(keep)
+            k = out.num_rows
+            ids = np.arange(next_id, next_id + k, dtype=np.int64)
+            next_id += k
+            out = out.append_column("image_id", pa.array(ids)).append_column(
+                "shard", pa.array(ids // cfg.shard_size)).append_column(
+                "label_id", pa.array([class_ids.get(x) for x in out["label"].to_pylist()], pa.int64()))
+            manifest.write(out)
+            bad = [(u, r) for u, r in zip(t["uri"].to_pylist(), reject, strict=True) if r is not None]
+            reasons.update(r for _, r in bad)
+            rejects.write(pa.table({"uri": [u for u, _ in bad], "reason": [r for _, r in bad]}, REJECTS_SCHEMA))
+    info = {"images": next_id, "rejects": sum(reasons.values()), "shards": -(-next_id // cfg.shard_size),
+            "classes": len(classes), "reasons": dict(sorted(reasons.items()))}
     store.mark_stage_done(STAGE, None, info)
     return info
 
 
-def run_shard_stage(store: RunStore, cfg: DataConfig, force: bool = False) -> dict[str, int]:
-    """The whole stage in this process (the Prefect flow fans ``scan_part`` out over Dask instead)."""
+# ---- the whole stage ----------------------------------------------------------------------------------------------
+def run_shard_stage(store: RunStore, cfg: DataConfig, force: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """The whole stage in this process (the Prefect flow fans ``scan_part`` out over Dask instead);
+    ``progress(done, total)`` is called after each part."""
     if force:
         reset_shard_stage(store)
     elif store.stage_done(STAGE, None):
         return store.done_record(STAGE, None, "_stage")
-    for part in list_source(store, cfg):
+    parts = list_source(store, cfg)
+    for i, part in enumerate(parts):
         scan_part(store, cfg, part)
+        if progress:
+            progress(i + 1, len(parts))
     return finalize_manifest(store, cfg)
 
 
 def reset_shard_stage(store: RunStore) -> None:
     store.reset_stage(STAGE, None)
-    for rel in (LISTING, MANIFEST, REJECTS, "data/parts"):
+    for rel in (LISTING, PARTS, MANIFEST, REJECTS, "data/listing.parquet"):
         store.remove(rel)
 
 
-def load_manifest(store: RunStore) -> pd.DataFrame:
-    return store.read_parquet(MANIFEST)
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    if "label_id" in df:
+        df["label_id"] = df["label_id"].astype("Int64")
+    return df
+
+
+def load_manifest(store: RunStore, columns: list[str] | None = None) -> pd.DataFrame:
+    """The kept images in ``image_id`` order (``label_id`` is a nullable Int64)."""
+    return _typed(store.read_parquet(MANIFEST, columns=columns))
+
+
+def load_manifest_shard(store: RunStore, shard: int, columns: list[str] | None = None) -> pd.DataFrame:
+    """The rows of one image shard, reading only the row group that holds it (shards never straddle two)."""
+    with store.fs.open(store.path(MANIFEST), "rb") as f:
+        pf = pq.ParquetFile(f)
+        col = pf.schema_arrow.get_field_index("shard")
+        for g in range(pf.num_row_groups):
+            stats = pf.metadata.row_group(g).column(col).statistics
+            if stats is None or not stats.has_min_max or stats.min <= shard <= stats.max:
+                t = pf.read_row_group(g, columns=None if columns is None else sorted({*columns, "shard"}))
+                df = t.filter(pc.equal(t["shard"], shard)).to_pandas()
+                if len(df):
+                    return _typed(df[columns] if columns else df).reset_index(drop=True)
+    return _typed(pd.DataFrame({c: [] for c in (columns or ["image_id", "uri", "shard"])}))
 
 
 def shard_ids(manifest: pd.DataFrame) -> list[int]:
     return sorted(int(s) for s in manifest["shard"].unique())
+
+
+def listing_size(store: RunStore) -> int | None:
+    """Rows of the listing once it is complete (for progress reports)."""
+    return store.read_json(LISTING_DONE)["rows"] if store.exists(LISTING_DONE) else None
+
+
+
+def shard_summary(store: RunStore, sample: int = 5, seed: int = 0) -> dict:
+    """What ``deepercluster inspect --shards`` shows: rows per shard, rejects per reason, a sample of rows."""
+    shards = store.read_parquet(MANIFEST, columns=["shard"])["shard"]
+    per_shard = shards.value_counts().sort_index()
+    reasons = store.read_parquet(REJECTS, columns=["reason"])["reason"].value_counts()
+    n = len(shards)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    pieces, start = [], 0
+    with store.fs.open(store.path(MANIFEST), "rb") as f:  # read only the row groups that hold sampled rows
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            size = pf.metadata.row_group(g).num_rows
+            here = rows[(rows >= start) & (rows < start + size)] - start
+            if len(here):
+                pieces.append(pf.read_row_group(g).take(pa.array(here)).to_pandas())
+            start += size
+    taken = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame()
+    return {"images": n, "per_shard": {int(k): int(v) for k, v in per_shard.items()},
+            "reasons": {str(k): int(v) for k, v in reasons.items()}, "sample": taken}

@@ -3,6 +3,10 @@ rotations), the latter driven by a per-sample seed so that a resumed training dr
 
 from __future__ import annotations
 
+import math
+import random
+
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -25,19 +29,45 @@ def clustering_view(image_size: int, crop_ratio: float = 1.0) -> T.Compose:
 
 
 class TrainingView:
-    """RandomResizedCrop + optional horizontal flip, then an optional rotation, all drawn from ``seed``."""
+    """RandomResizedCrop (scale ``scale``, aspect ratio 3/4..4/3, bilinear) + optional horizontal flip, then an
+    optional rotation: the papers' training view. The crop and the flip are drawn from a generator of their own,
+    seeded by ``seed``, so a sample depends on nothing else (and the global torch RNG is never touched, which also
+    spares the cost of reseeding it for every image)."""
+
+    ratio = (3.0 / 4.0, 4.0 / 3.0)
 
     def __init__(self, image_size: int, scale: tuple[float, float], hflip: bool):
-        steps: list = [T.RandomResizedCrop(image_size, scale=scale)]
-        if hflip:
-            steps.append(T.RandomHorizontalFlip())
-        steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
-        self.transform = T.Compose(steps)
+        self.size, self.scale, self.hflip = image_size, scale, hflip
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)``: torchvision's RandomResizedCrop draw (10 tries, then a centre crop)."""
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img: Image.Image, seed: int, rotation: int = 0) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = self.transform(img)
+        rng = random.Random(seed)
+        top, left, h, w = self.crop_box(img.width, img.height, rng)
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        x = x.sub_(self.mean).div_(self.std)
         return rotate(x, rotation) if rotation else x
 
 

@@ -1,1 +1,1 @@
-"""Measures of what the pipeline learns: NMI/ARI, cluster statistics, the per-round history."""
+"""Measures of what the pipeline learns: NMI/ARI, cluster statistics, linear probe, kNN, the per-round history."""

@@ -1,10 +1,17 @@
-"""The evaluate stage: NMI between this round's and the previous round's assignments, NMI/ARI against labels
-when the source has them (of the pseudo-labels, and of a k-means with k = number of classes on the features),
-cluster-size statistics, training figures -> ``rounds/<r>/eval/metrics.json`` and a row of ``history.parquet``."""
+"""The evaluate stage of round ``r``: what the round's features (extracted with ``rounds/<r>/model.pt``) are worth.
+
+- NMI between this round's and the previous round's cluster assignments;
+- when the source has labels: NMI/ARI of the pseudo-labels and of a k-means (k = number of classes) of the
+  whitened features against them, a linear probe and a cosine kNN on the frozen features (``eval`` config);
+- cluster-size statistics and training figures.
+
+-> ``rounds/<r>/eval/metrics.json`` and a row of ``history.parquet``. Round ``rounds`` (the model the last training
+produced, ``eval.final_round``) has features but no clusters: its row holds the feature metrics only."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -13,7 +20,13 @@ from deepercluster.clustering.kmeans import kmeans
 from deepercluster.clustering.stage import assignments_rel, clusters_rel, load_assignments, whitened_features
 from deepercluster.config import PipelineConfig
 from deepercluster.data.shard import load_manifest
+from deepercluster.device import resolve_device
+from deepercluster.errors import StoreError
+from deepercluster.evaluation.layers import layer_features
 from deepercluster.evaluation.metrics import ari, nmi
+from deepercluster.evaluation.probes import knn_accuracy, linear_probe
+from deepercluster.evaluation.splits import probe_splits
+from deepercluster.features import features_rel, open_features
 from deepercluster.store import RunStore, round_dir
 
 STAGE = "evaluate"
@@ -39,31 +52,74 @@ def _train_summary(store: RunStore, r: int) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict:
-    if not force and store.stage_done(STAGE, r):
-        return store.read_json(metrics_rel(r))
+def cluster_metrics(store: RunStore, r: int, labels: pd.Series) -> dict:
+    """Cluster sizes, NMI vs the previous round, NMI/ARI of the pseudo-labels vs labels (where labelled)."""
     a = load_assignments(store, r)
     target = a["target"].to_numpy()
     stats = store.read_json(clusters_rel(r, "stats.json"))
-    metrics: dict = {"round": r, "targets": stats["targets"], "non_empty": stats["non_empty"],
-                     "size_min": stats["size_min"], "size_max": stats["size_max"], "balance": stats["balance"]}
+    out: dict = {k: stats[k] for k in ("targets", "non_empty", "size_min", "size_max", "balance")}
     if r > 0 and store.exists(assignments_rel(r - 1)):
-        metrics["nmi_prev"] = nmi(target, load_assignments(store, r - 1)["target"].to_numpy())
-    labels = load_manifest(store)["label_id"]
-    if labels.notna().all():
-        y = labels.to_numpy(dtype=np.int64)
-        metrics["nmi_labels"] = nmi(target, y)
-        metrics["ari_labels"] = ari(target, y)
+        out["nmi_prev"] = nmi(target, load_assignments(store, r - 1)["target"].to_numpy())
+    known = labels.notna().to_numpy()
+    if known.any():
+        y = labels[known].to_numpy(dtype=np.int64)
+        out["nmi_labels"] = nmi(target[known], y)
+        out["ari_labels"] = ari(target[known], y)
+    return out
+
+
+def probe_features(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray, uris: list[str]) -> np.ndarray:
+    """Features of images ``ids`` that the probes read: rows of ``features.zarr``, or the ``eval.layer`` module."""
+    if cfg.eval.layer is None:
+        return np.asarray(open_features(store, r).oindex[ids, :], dtype=np.float32)
+    return layer_features(store, cfg, r, cfg.eval.layer, uris)
+
+
+def probe_metrics(store: RunStore, cfg: PipelineConfig, r: int, manifest: pd.DataFrame) -> dict:
+    """Linear-probe and kNN accuracy on the run's fixed train/test splits of its labelled images."""
+    ev = cfg.eval
+    splits = probe_splits(manifest["image_id"].to_numpy(), manifest["label_id"], ev)
+    ids = np.concatenate([splits.train, splits.test])
+    by_id = manifest.set_index("image_id")
+    x = probe_features(store, cfg, r, ids, by_id.loc[ids, "uri"].tolist())
+    y = by_id.loc[ids, "label_id"].to_numpy(dtype=np.int64)
+    n = len(splits.train)
+    out: dict = {"probe_train_n": n, "probe_test_n": len(splits.test), "probe_dim": int(x.shape[1])}
+    if ev.linear_probe:
+        tick = time.perf_counter()
+        device = resolve_device(cfg.runtime.device)
+        res = linear_probe(x[:n], y[:n], x[n:], y[n:], ev.probe_weight_decay, ev.probe_max_iter, device)
+        out.update(probe_acc=res.test_acc, probe_train_acc=res.train_acc, probe_s=time.perf_counter() - tick)
+    if ev.knn:
+        out["knn_acc"] = knn_accuracy(x[:n], y[:n], x[n:], y[n:], ev.knn_k)
+    return out
+
+
+def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict:
+    if not force and store.stage_done(STAGE, r):
+        return store.read_json(metrics_rel(r))
+    if not store.exists(f"{features_rel(r)}/zarr.json"):
+        raise StoreError(f"evaluate round {r}: {store.url(features_rel(r))} is missing: run the extract stage first")
+    manifest = load_manifest(store)
+    labels = manifest["label_id"]
+    metrics: dict = {"round": r}
+    if store.exists(assignments_rel(r)):
+        metrics.update(cluster_metrics(store, r, labels))
+    known = labels.notna().to_numpy()
+    if known.any():
+        y = labels[known].to_numpy(dtype=np.int64)
         n_classes = int(len(np.unique(y)))
         if cfg.eval.kmeans_nmi and n_classes > 1:
-            res = kmeans(whitened_features(store, cfg, r), n_classes, cfg.cluster.niter,
+            res = kmeans(whitened_features(store, cfg, r)[known], n_classes, cfg.cluster.niter,
                          np.random.SeedSequence([cfg.seed, r, 99]))
             metrics["kmeans_nmi_labels"] = nmi(res.assign, y)
             metrics["kmeans_ari_labels"] = ari(res.assign, y)
+        if (cfg.eval.linear_probe or cfg.eval.knn) and n_classes > 1:
+            metrics.update(probe_metrics(store, cfg, r, manifest))
     metrics.update({f"train_{k}": v for k, v in _train_summary(store, r).items()})
     store.write_json(metrics_rel(r), metrics)
     append_history(store, metrics)
-    store.mark_stage_done(STAGE, r, {"nmi_labels": metrics.get("nmi_labels")})
+    store.mark_stage_done(STAGE, r, {k: metrics.get(k) for k in ("nmi_labels", "probe_acc", "knn_acc")})
     return metrics
 
 

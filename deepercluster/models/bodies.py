@@ -43,8 +43,26 @@ def _smallnet(in_ch: int, cfg: ModelConfig) -> tuple[nn.Module, int]:
     return trunk, cfg.feature_dim
 
 
+def paper_init_(module: nn.Module) -> nn.Module:
+    """DeepCluster's and DeeperCluster's initialisation: convolutions He-normal over fan-out (N(0, 2 / (k*k*out))),
+    zero bias; BatchNorm weight 1, bias 0; linear layers N(0, 0.01), zero bias (torchvision's VGG init too)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 def _alexnet_bn(in_ch: int, cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """AlexNet with BatchNorm as in DeepCluster (96-256-384-384-256 conv, 4096-4096 fc)."""
+    """AlexNet with BatchNorm as in DeepCluster (96-256-384-384-256 conv, max-pool 3/2, 4096-4096 fc with dropout;
+    the feature is fc7 before its ReLU). The adaptive pool is the identity at 224 px and lets smaller inputs in."""
     def conv(i: int, o: int, k: int, s: int, p: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, k, s, p), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
@@ -56,21 +74,23 @@ def _alexnet_bn(in_ch: int, cfg: ModelConfig) -> tuple[nn.Module, int]:
         nn.Dropout(0.5), nn.Linear(256 * 36, 4096), nn.ReLU(inplace=True),
         nn.Dropout(0.5), nn.Linear(4096, 4096),
     )
-    return trunk, 4096
+    return paper_init_(trunk), 4096
 
 
 def _vgg16_bn(in_ch: int, cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """VGG-16 configuration D with BatchNorm (DeeperCluster): 13 conv-BN-ReLU, fc6 - ReLU - dropout - fc7."""
     net = torchvision.models.vgg16_bn(weights=None)
     net.features[0] = nn.Conv2d(in_ch, 64, 3, padding=1)
     # fc6 - ReLU - Dropout - fc7, and no ReLU after fc7 (DeeperCluster's relu=False)
     trunk = nn.Sequential(net.features, net.avgpool, nn.Flatten(), *list(net.classifier.children())[:4])
-    return trunk, 4096
+    return paper_init_(trunk), 4096
 
 
 def _resnet(builder: Callable[..., nn.Module]) -> Callable[[int, ModelConfig], tuple[nn.Module, int]]:
     def make(in_ch: int, cfg: ModelConfig) -> tuple[nn.Module, int]:
         net = builder(weights=None)
         net.conv1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
         dim = net.fc.in_features
         net.fc = nn.Identity()
         return net, dim

@@ -1,9 +1,12 @@
 """Training checkpoints, the training log and the stage's final outputs, all written atomically by rank 0.
 
-``rounds/<r>/train/checkpoint.pt`` holds everything needed to continue bitwise where it stopped: body, heads,
-optimizer, the position of the next iteration (epoch, iteration in epoch, global step) and every rank's RNG states.
-Each checkpoint is followed by the completion record ``iter-<step>``. The log (one JSON row per iteration) is
-rewritten whole just before each checkpoint, so on resume its rows up to the checkpoint's step are kept.
+``rounds/<r>/train/checkpoint.pt`` holds everything needed to continue bitwise where it stopped: body, super-class
+head, their optimizer, the position of the next iteration (epoch, iteration in epoch, global step) and every rank's
+RNG states. The sub-heads live beside it, one file per communication group written by the group's first rank
+(``heads/step-<step>/group-<g>.pt``: the group's sub-heads and their optimizer), so no rank ever holds every head;
+they are written before ``checkpoint.pt``, which names the step and so commits them. Each checkpoint is followed
+by the completion record ``iter-<step>``. The log (one JSON row per iteration) is rewritten whole just before each
+checkpoint, so on resume its rows up to the checkpoint's step are kept.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def final_rel(r: int) -> str:
 
 def log_rel(r: int) -> str:
     return f"{train_rel(r)}/log.jsonl"
+
+
+def heads_dir_rel(r: int) -> str:
+    return f"{train_rel(r)}/heads"
+
+
+def group_heads_rel(r: int, step: int, group: int) -> str:
+    return f"{heads_dir_rel(r)}/step-{step:06d}/group-{group:03d}.pt"
 
 
 def unit_name(step: int) -> str:
@@ -77,9 +88,23 @@ def read_log(store: RunStore, r: int, upto_step: int | None = None) -> list[dict
     return [row for row in rows if upto_step is None or row["step"] <= upto_step]
 
 
+def save_group_heads(store: RunStore, r: int, step: int, group: int, state: dict[str, Any]) -> None:
+    """A group's sub-heads at ``step`` (``classes``: its super-classes, ``sub``: state dict, ``optimizer``)."""
+    store.save_torch(group_heads_rel(r, step, group), state)
+
+
+def load_group_heads(store: RunStore, r: int, step: int, group: int) -> dict[str, Any]:
+    rel = group_heads_rel(r, step, group)
+    if not store.exists(rel):
+        raise TrainError(f"{store.url(rel)} is missing although the checkpoint names step {step}: rerun the train "
+                         "stage with force")
+    return store.load_torch(rel)
+
+
 def save_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, state: dict[str, Any], pos: Position,
                     rng_states: list[dict[str, Any]], log_rows: list[dict[str, Any]]) -> None:
-    """Log, then checkpoint, then the ``iter-<step>`` record. ``state``: body, heads and optimizer state dicts."""
+    """Log, then checkpoint (the commit point), then the ``iter-<step>`` record, then older sub-head files go.
+    ``state``: body, super-head and optimizer state dicts; the groups' sub-heads of ``pos.step`` are written."""
     write_log(store, r, log_rows)
     store.save_torch(checkpoint_rel(r), {
         **state,
@@ -87,6 +112,23 @@ def save_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, state: dict[st
         "rng": rng_states, "world_size": len(rng_states), "config_hash": cfg.hash,
     })
     store.mark_done(STAGE, r, unit_name(pos.step), {"epoch": pos.epoch, "iteration": pos.iteration})
+    keep = f"step-{pos.step:06d}"
+    for name in store.listdir(heads_dir_rel(r)):
+        if name.startswith("step-") and name != keep:
+            store.remove(f"{heads_dir_rel(r)}/{name}")
+
+
+def assemble_heads(super_head: dict[str, torch.Tensor] | None,
+                   groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Every head as one :class:`~deepercluster.models.HierarchicalHeads` state dict (``final.pt``), from the
+    super-class head and the groups' sub-head files."""
+    out = {f"super_head.{k}": v for k, v in (super_head or {}).items()}
+    if groups:
+        classes = [c for g in groups for c in g["classes"]]
+        order = sorted(range(len(classes)), key=classes.__getitem__)
+        for name in ("weight", "bias"):
+            out[f"sub.{name}"] = torch.cat([g["sub"][name] for g in groups])[order].clone()
+    return out
 
 
 def load_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, world_size: int) -> dict[str, Any] | None:

@@ -1,8 +1,15 @@
 """Launching the train stage: checks its inputs, then runs torchrun over ``deepercluster.training.worker`` as a
-real subprocess and turns a failure into a :class:`TrainError` carrying the end of its output."""
+real subprocess and turns a failure into a :class:`TrainError` carrying the end of its output.
+
+One node: ``torchrun --standalone``. Several nodes (``train.nnodes > 1``): every node runs the same torchrun agent
+against the c10d rendezvous at ``runtime.rdzv_endpoint``; the stage (``run_train_stage``) runs on one node and
+``python -m deepercluster.training.launch --run-uri URI --round R`` joins from each other node (the run store must
+be reachable from every node, as it already is for reading images).
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -15,22 +22,41 @@ import torch
 
 from deepercluster.config import PipelineConfig
 from deepercluster.device import resolve_device
+from deepercluster.errors import DeeperClusterError
 from deepercluster.run import load_run_config
 from deepercluster.store import RunStore
 from deepercluster.training.checkpoint import STAGE, reset_train
 from deepercluster.training.errors import ERROR_PREFIX, TrainError
+from deepercluster.training.groups import check_group_data, head_groups, world_size
 from deepercluster.training.inputs import check_inputs, load_pseudo_labels
 from deepercluster.training.sampler import samples_per_rank
 
-__all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "run_train_stage", "train_command", "train_env"]
+__all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "node_command", "run_train_node",
+           "run_train_stage", "train_command", "train_env"]
 TAIL_LINES = 30
 STOP_TIMEOUT_S = 30
 
 
-def train_command(run_uri: str, r: int, nproc: int) -> list[str]:
-    """The torchrun command line that trains round ``r`` of the run at ``run_uri`` on this node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}",
+def train_command(run_uri: str, r: int, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                  rdzv_id: str = "deepercluster") -> list[str]:
+    """The torchrun command line that trains round ``r`` of the run at ``run_uri`` on this node: standalone on one
+    node, else one of ``nnodes`` agents meeting at the c10d rendezvous ``rdzv_endpoint`` (host:port)."""
+    if nnodes == 1:
+        where = ["--standalone", "--nnodes=1"]
+    elif not rdzv_endpoint:
+        raise TrainError(f"train.nnodes is {nnodes}: set runtime.rdzv_endpoint (host:port of the rendezvous, on the "
+                         "first node) so that the nodes can meet")
+    else:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                 f"--rdzv-id={rdzv_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
             "-m", "deepercluster.training.worker", "--run-uri", run_uri, "--round", str(r)]
+
+
+def node_command(store: RunStore, cfg: PipelineConfig, r: int) -> list[str]:
+    """:func:`train_command` for the run's config (the rendezvous id names the run's config and the round)."""
+    t = cfg.train
+    return train_command(store.uri, r, t.nproc, t.nnodes, cfg.runtime.rdzv_endpoint, f"deepercluster-{cfg.hash}-r{r}")
 
 
 def cpu_threads_per_rank(nproc: int) -> int:
@@ -56,10 +82,13 @@ def check_train_inputs(store: RunStore, cfg: PipelineConfig, r: int) -> int:
         raise TrainError(f"train round {r}: the config given (hash {cfg.hash}) is not the run's ({run_cfg.hash}); "
                          "the ranks train with the run's config.yaml")
     check_inputs(store, r)
-    n = len(load_pseudo_labels(store, cfg, r))
-    if samples_per_rank(n, cfg.train.nproc, cfg.train.batch_size) == 0:
-        raise TrainError(f"train round {r}: {n} images make no whole global batch of {cfg.train.nproc} ranks x "
+    labels = load_pseudo_labels(store, cfg, r)
+    n, world = len(labels), world_size(cfg)
+    if samples_per_rank(n, world, cfg.train.batch_size) == 0:
+        raise TrainError(f"train round {r}: {n} images make no whole global batch of {world} ranks x "
                          f"{cfg.train.batch_size}: lower train.batch_size or train.nproc")
+    check_group_data(cfg, head_groups(cfg, world), labels)
+    node_command(store, cfg, r)  # a multi-node config without a rendezvous fails here
     if resolve_device(cfg.runtime.device).type == "cuda" and cfg.train.nproc > torch.cuda.device_count():
         raise TrainError(f"train.nproc is {cfg.train.nproc} but only {torch.cuda.device_count()} GPUs are visible: "
                          "lower train.nproc")
@@ -85,27 +114,46 @@ class _Output:
 
 
 def _pump(stream: TextIO, sink: Callable[[str], None], keep: Callable[[str], None] | None) -> None:
+    """Drain ``stream`` to its end whatever ``sink`` does: a reader that stops would block the workers' prints."""
+    broken = False
     for raw in stream:
         line = raw.rstrip("\n")
-        sink(line)
         if keep is not None:
             keep(line)
+        if broken:
+            continue
+        try:
+            sink(line)
+        except Exception as err:  # the sink is the caller's (a logger, a progress bar): training goes on
+            broken = True
+            print(f"train output handler failed ({err!r}); its lines are dropped from now on", file=sys.stderr)
 
 
 def run_train_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False,
                     on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train round ``r`` (resuming from its checkpoint when there is one); skipped when done unless ``force``.
 
-    Output lines of the workers go to ``on_line`` (default: this process's stdout/stderr). Returns the stage
-    record: steps, final_loss, images_per_s, ...
+    Output lines of the workers go to ``on_line`` (default: this process's stdout/stderr); rank 0 prints one
+    progress line per iteration (:func:`~deepercluster.training.progress.parse_progress` reads it). Returns the
+    stage record: steps, final_loss, images_per_s, ...
     """
     if not force and store.stage_done(STAGE, r):
         return store.done_record(STAGE, r, "_stage")
     check_train_inputs(store, cfg, r)
     if force:
         reset_train(store, r)
+    rc, detail = run_train_node(store, cfg, r, on_line)
+    if rc != 0 or not store.stage_done(STAGE, r):
+        raise TrainError(f"train stage of round {r} failed (torchrun exit {rc}):\n{detail}")
+    return store.done_record(STAGE, r, "_stage")
+
+
+def run_train_node(store: RunStore, cfg: PipelineConfig, r: int,
+                   on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run this node's torchrun agent to its end; return its exit code and the workers' error lines (or the end
+    of their stderr)."""
     output = _Output()
-    proc = subprocess.Popen(train_command(store.uri, r, cfg.train.nproc), env=train_env(cfg), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(node_command(store, cfg, r), env=train_env(cfg), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     out_sink = on_line or (lambda s: print(s, flush=True))
     err_sink = on_line or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -125,6 +173,28 @@ def run_train_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = 
         raise
     for t in pumps:
         t.join()
-    if rc != 0 or not store.stage_done(STAGE, r):
-        raise TrainError(f"train stage of round {r} failed (torchrun exit {rc}):\n{output.detail()}")
-    return store.done_record(STAGE, r, "_stage")
+    return rc, output.detail()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Join a multi-node training from one more node: ``python -m deepercluster.training.launch --run-uri URI
+    --round R`` (the run's config names the rendezvous)."""
+    from deepercluster.run import open_run
+
+    parser = argparse.ArgumentParser(prog="python -m deepercluster.training.launch", description=main.__doc__)
+    parser.add_argument("--run-uri", required=True, help="run store URI (reachable from every node)")
+    parser.add_argument("--round", type=int, required=True, dest="round_")
+    args = parser.parse_args(argv)
+    try:
+        store, cfg = open_run(args.run_uri)
+        rc, detail = run_train_node(store, cfg, args.round_)
+    except DeeperClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if rc != 0:
+        print(f"error: this node's torchrun exited {rc}:\n{detail}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,8 +23,8 @@ def derive_seed(*keys: int) -> int:
     return (int(state[0]) << 31 | int(state[1]) >> 1) % SEED_HIGH
 
 
-def epoch_generator(seed: int, round_: int, epoch: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed % 2**64, round_, epoch]))
+def epoch_generator(seed: int, round_: int, epoch: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed % 2**64, round_, epoch, *stream]))
 
 
 def samples_per_rank(n_images: int, world_size: int, batch_size: int) -> int:
@@ -32,11 +32,15 @@ def samples_per_rank(n_images: int, world_size: int, batch_size: int) -> int:
     return n_images // (world_size * batch_size) * batch_size
 
 
-def uniform_epoch(targets: np.ndarray, seed: int, round_: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole epoch (every rank's samples, interleaved): rows and their sample seeds, ``len(targets)`` each."""
+def uniform_epoch(targets: np.ndarray, seed: int, round_: int, epoch: int, size: int | None = None,
+                  stream: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The whole epoch (every rank's samples, interleaved): rows and their sample seeds, ``size`` each (default
+    ``len(targets)``). ``stream`` names an independent draw (a communication group's)."""
     targets = np.asarray(targets)
-    n = len(targets)
-    rng = epoch_generator(seed, round_, epoch)
+    n = len(targets) if size is None else size
+    if len(targets) == 0:
+        raise ValueError("no image to draw from")
+    rng = epoch_generator(seed, round_, epoch, *stream)
     order = np.argsort(targets, kind="stable")
     clusters, starts = np.unique(targets[order], return_index=True)
     members = np.split(order, starts[1:])
@@ -81,3 +85,32 @@ class UniformClusterSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rows, seeds = self.rank_samples()
         yield from zip(rows[self.start :].tolist(), seeds[self.start :].tolist(), strict=True)
+
+
+class GroupClusterSampler(UniformClusterSampler):
+    """DeeperCluster's sampling inside a communication group: the group's ranks draw only ``rows`` (the images of
+    the group's super-cluster), uniformly over their sub-clusters ``sub_targets``, from a draw of their own
+    (stream = group id), dealt to the ``group_size`` ranks of the group with a stride.
+
+    Every rank of every group sees ``samples_per_rank(n_images, world_size, batch_size)`` samples per epoch, so all
+    ranks run the same number of iterations (the body is all-reduced over every rank at each one).
+    """
+
+    def __init__(self, rows: np.ndarray, sub_targets: np.ndarray, n_images: int, batch_size: int, world_size: int,
+                 group: int, group_size: int, group_rank: int, seed: int = 0, round_: int = 0):
+        if not 0 <= group_rank < group_size:
+            raise ValueError(f"rank {group_rank} in group is not in [0, {group_size})")
+        if len(rows) == 0 or len(rows) != len(sub_targets):
+            raise ValueError(f"group {group} has {len(rows)} images (and {len(sub_targets)} targets)")
+        self.rows, self.targets = np.asarray(rows, dtype=np.int64), np.asarray(sub_targets)
+        self.group, self.group_size, self.group_rank = group, group_size, group_rank
+        self.world_size, self.rank = world_size, group_rank
+        self.seed, self.round = seed, round_
+        self.per_rank = samples_per_rank(n_images, world_size, batch_size)
+        self.epoch, self.start = 0, 0
+
+    def rank_samples(self) -> tuple[np.ndarray, np.ndarray]:
+        picks, seeds = uniform_epoch(self.targets, self.seed, self.round, self.epoch,
+                                     size=self.per_rank * self.group_size, stream=(self.group,))
+        mine = slice(self.group_rank, None, self.group_size)
+        return self.rows[picks][mine], seeds[mine]

@@ -1,0 +1,47 @@
+"""Feature extraction: the round's model over every image -> ``rounds/<r>/features.zarr`` (N x D float16).
+
+``stage``: the extract stage (prepare, one unit per image shard, finalize); ``model``: the round model as a
+feature extractor (layer, device, precision; loaded once per process); ``loader``: threaded decoding ahead of the
+forward pass; ``array``: the zarr layout; ``inspect``: summary statistics and nearest neighbours.
+"""
+
+from deepercluster.features.array import features_group_rel, features_rel, inner_chunk_rows, open_features
+from deepercluster.features.model import (
+    FeatureModel,
+    ensure_round_model,
+    feature_dim,
+    load_round_model,
+    model_loads,
+    model_rel,
+)
+from deepercluster.features.stage import (
+    STAGE,
+    extract_rows,
+    extract_shard,
+    finalize_extract,
+    prepare_extract,
+    run_extract_stage,
+    shard_rows,
+    unit_name,
+)
+
+__all__ = [
+    "STAGE",
+    "FeatureModel",
+    "ensure_round_model",
+    "extract_rows",
+    "extract_shard",
+    "feature_dim",
+    "features_group_rel",
+    "features_rel",
+    "finalize_extract",
+    "inner_chunk_rows",
+    "load_round_model",
+    "model_loads",
+    "model_rel",
+    "open_features",
+    "prepare_extract",
+    "run_extract_stage",
+    "shard_rows",
+    "unit_name",
+]
