@@ -9,9 +9,11 @@ For each network (default: smallnet and ResNet-18, 64 px):
       ``train.checkpoint_every`` steps, the per-iteration log), on a run made here. Its throughput is taken from
       the log's timestamps after ``--warmup`` steps, so it counts everything but torchrun's start and model build.
 Prints images/s of both and real / pure (target >= 0.85 on CPU), and how busy the machine was (load average).
-On a machine shared with other work, wall-clock rates swing with the others' load; the same ratio over CPU time
-(images per CPU-second of the training process(es), ``cpu ratio``) is printed beside it as the steadier estimate
-of the stage's own overhead (it does not see time spent waiting, e.g. for a checkpoint's fsync).
+On a machine shared with other work, wall-clock rates swing with the others' load, so two steadier estimates are
+printed beside the ratio of means: ``best/best``, the best ``--window``-step stretch of the stage (its log's
+timestamps; a stretch holds a checkpoint) over the best burst of as many pure steps (the least disturbed moments of
+each), and ``cpu ratio``, images per CPU-second of the training process(es) over the same for the pure loop (it
+does not see time spent waiting, e.g. for I/O).
 
     .venv/bin/python bench/train.py [--archs smallnet,resnet18] [--image-size 64] [--batch 32] [--nproc 1]
                                      [--steps 30] [--warmup 5] [--source FOLDER]
@@ -62,13 +64,14 @@ def bench_config(source: Path, arch: str, args: argparse.Namespace, n_images: in
     return build_config({
         "data": {"source": str(source), "image_size": args.image_size, "limit": n_images},
         "model": {"arch": arch},
-        "train": {"epochs": 1, "batch_size": args.batch, "nproc": args.nproc},
+        "train": {"epochs": 1, "batch_size": args.batch, "nproc": args.nproc, "loader_workers": args.loader_workers},
         "runtime": {"device": "cpu"},
     }, method="deepercluster")
 
 
-def pure_images_per_s(cfg: PipelineConfig, steps: int, warmup: int) -> tuple[float, float]:
-    """Forward + loss + backward + SGD step of the stage's network on random tensors, one process, every core."""
+def pure_bursts(cfg: PipelineConfig, bursts: int, window: int, warmup: int) -> tuple[list[float], float]:
+    """Forward + loss + backward + SGD step of the stage's network on random tensors, one process, every core:
+    images/s of each of ``bursts`` runs of ``window`` steps, and images per CPU-second over all of them."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     body = build_body(cfg.model, seed=0)
@@ -82,20 +85,28 @@ def pure_images_per_s(cfg: PipelineConfig, steps: int, warmup: int) -> tuple[flo
     net.train()
     x = torch.randn(batch, 3, size, size)
     super_class, sub_class = torch.randint(0, n_super, (batch,)), torch.randint(0, k, (batch,))
-    for i in range(warmup + steps):
-        if i == warmup:
-            start, cpu = time.perf_counter(), time.process_time()
+
+    def step() -> None:
         h, super_logits = net(x)
         loss, _ = hierarchical_loss(super_logits, sub(h, super_class), super_class, sub_class)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return steps * batch / (time.perf_counter() - start), steps * batch / (time.process_time() - cpu)
+
+    for _ in range(warmup):
+        step()
+    rates, cpu = [], time.process_time()
+    for _ in range(bursts):
+        start = time.perf_counter()
+        for _ in range(window):
+            step()
+        rates.append(window * batch / (time.perf_counter() - start))
+    return rates, bursts * window * batch / (time.process_time() - cpu)
 
 
-def real_images_per_s(root: Path, cfg: PipelineConfig, warmup: int) -> tuple[float, float, float]:
-    """The stage's images/s after ``warmup`` steps (from the log's timestamps), images per CPU-second (rank 0's CPU
-    time x ranks), and the stage's whole wall time."""
+def real_stage(root: Path, cfg: PipelineConfig, warmup: int, window: int) -> tuple[float, float, float, float]:
+    """Train the stage on a run made here. From its log after ``warmup`` steps: images/s over the whole timed
+    part, the best ``window``-step stretch, images per CPU-second (rank 0's CPU time x ranks); and the wall time."""
     store = RunStore(root)
     init_run(store, cfg)
     run_shard_stage(store, cfg.data)
@@ -109,12 +120,13 @@ def real_images_per_s(root: Path, cfg: PipelineConfig, warmup: int) -> tuple[flo
     start = time.perf_counter()
     run_train_stage(store, cfg, 0, on_line=lambda line: None)
     wall = time.perf_counter() - start
-    rows = read_log(store, 0)
-    global_batch = cfg.train.batch_size * cfg.train.nproc * cfg.train.nnodes
-    timed = rows[warmup:]
-    images = (len(timed) - 1) * global_batch
-    cpu = (timed[-1]["cpu_s"] - timed[0]["cpu_s"]) * cfg.train.nproc * cfg.train.nnodes
-    return images / (timed[-1]["time"] - timed[0]["time"]), images / cpu, wall
+    rows = read_log(store, 0)[warmup:]
+    g = cfg.train.batch_size * cfg.train.nproc * cfg.train.nnodes
+    times = [row["time"] for row in rows]
+    mean = (len(rows) - 1) * g / (times[-1] - times[0])
+    best = max(window * g / (times[i + window] - times[i]) for i in range(len(rows) - window))
+    cpu = (rows[-1]["cpu_s"] - rows[0]["cpu_s"]) * cfg.train.nproc * cfg.train.nnodes
+    return mean, best, (len(rows) - 1) * g / cpu, wall
 
 
 def main() -> None:
@@ -123,8 +135,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32, help="images per rank per step")
     parser.add_argument("--nproc", type=int, default=1, help="ranks of the real stage")
+    parser.add_argument("--loader-workers", type=int, default=0, help="train.loader_workers of the real stage")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--window", type=int, default=10, help="steps of a burst / stretch (>= checkpoint_every)")
     parser.add_argument("--source", type=Path, help="a folder of images (default: photo-like JPEGs made here)")
     parser.add_argument("--image-side", type=int, default=80, help="side of the JPEGs made here")
     args = parser.parse_args()
@@ -140,15 +154,17 @@ def main() -> None:
         for arch in args.archs.split(","):
             cfg = bench_config(source, arch, args, n_images)
             load_before = os.getloadavg()[0]
-            pure_a, pure_cpu_a = pure_images_per_s(cfg, args.steps, args.warmup)
-            real, real_cpu, wall = real_images_per_s(Path(tmp) / f"run-{arch}", cfg, args.warmup)
-            pure_b, pure_cpu_b = pure_images_per_s(cfg, args.steps, args.warmup)
-            pure, pure_cpu = (pure_a + pure_b) / 2, (pure_cpu_a + pure_cpu_b) / 2
-            print(f"{arch:>9}: pure {pure:7.1f} img/s ({pure_a:.1f} before, {pure_b:.1f} after)  real stage "
-                  f"{real:7.1f} img/s (stage wall {wall:.1f} s)  ratio {real / pure:.3f} (target >= 0.85)  "
-                  f"cpu ratio {real_cpu / pure_cpu:.3f} ({real_cpu:.1f} / {pure_cpu:.1f} img per cpu-s)  "
-                  f"load avg {load_before:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
-
+            half = max(1, args.steps // args.window // 2)
+            before, cpu_a = pure_bursts(cfg, half, args.window, args.warmup)
+            real, real_best, real_cpu, wall = real_stage(Path(tmp) / f"run-{arch}", cfg, args.warmup, args.window)
+            after, cpu_b = pure_bursts(cfg, half, args.window, args.warmup)
+            pure, pure_best, pure_cpu = float(np.mean(before + after)), max(before + after), (cpu_a + cpu_b) / 2
+            print(f"{arch:>9}: pure {pure:6.1f} img/s (best {args.window}-step burst {pure_best:6.1f}; before "
+                  f"{np.mean(before):.1f}, after {np.mean(after):.1f})  real stage {real:6.1f} img/s (best "
+                  f"{args.window}-step stretch {real_best:6.1f}; stage wall {wall:.0f} s)\n{'':>11}"
+                  f"ratio {real / pure:.3f}  best/best {real_best / pure_best:.3f}  cpu ratio "
+                  f"{real_cpu / pure_cpu:.3f}  (target >= 0.85)  load avg {load_before:.1f} -> "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
 
 if __name__ == "__main__":
     main()

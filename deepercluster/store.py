@@ -5,7 +5,7 @@ A run is one root, a local path or any fsspec URL (``s3://bucket/run``, ``memory
     <run>/config.yaml                      resolved config + hash
     <run>/data/manifest.parquet            kept images; <run>/data/rejects.parquet: refused inputs
     <run>/rounds/<r>/model.pt              body weights the round starts from
-    <run>/rounds/<r>/features.zarr         N x D float16, one zarr shard per image shard
+    <run>/rounds/<r>/features.zarr         zarr group, array "features": N x D float16, one zarr shard per image shard
     <run>/rounds/<r>/clusters/             pca.npz, centroids, assignments.parquet, stats.json
     <run>/rounds/<r>/train/                checkpoint.pt, final.pt, log.jsonl
     <run>/rounds/<r>/eval/metrics.json

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.stats import chisquare
 from test_training import N_IMAGES, make_run
+from torchvision import transforms as T
 
 from deepercluster.data.datasets import PseudoLabelled
-from deepercluster.data.transforms import TrainingView, rotate
+from deepercluster.data.transforms import MEAN, STD, TrainingView, normalize_batch, rotate
 from deepercluster.features import model_rel
 from deepercluster.models import SubHeads, load_body, super_head
 from deepercluster.run import init_run
@@ -107,7 +108,12 @@ def test_a_group_trains_one_rotation(image_folder: Path) -> None:
     seed = 4 * 1000  # seed % 4 == 0: no rotation when it is free
     x0, super0, _ = free[0, seed]
     x3, super3, sub3 = fixed[0, seed]
-    assert torch.equal(x3, rotate(x0, 3)) and (super0, super3, sub3) == (4, 7, 2)
+    assert x0.dtype == torch.uint8 and x0.shape == (16, 16, 3)
+    assert torch.equal(x3.permute(2, 0, 1), rotate(x0.permute(2, 0, 1), 3)) and (super0, super3, sub3) == (4, 7, 2)
+    assert torch.equal(fixed[0, seed][0], x3)  # the seed alone fixes the crop and the flip
+    # a batch is normalised at once, as ToTensor + Normalize would one image at a time
+    one = T.Normalize(MEAN, STD)(T.ToTensor()(Image.fromarray(x0.numpy())))
+    assert torch.allclose(normalize_batch(torch.stack([x0, x3]))[0], one, atol=1e-5)
 
 
 def test_progress_line_round_trip() -> None:
@@ -178,7 +184,7 @@ def test_each_group_trains_on_its_super_class_and_its_head_gets_only_its_gradien
         body = load_body(cfg.model, store.load_torch(model_rel(0))["body"])
         body.load_state_dict({k[len("body."):]: v for k, v in recs[0]["net"].items() if k.startswith("body.")})
         body.train()
-        h = torch.relu(body(torch.cat([rec["x"] for rec in recs])))
+        h = torch.relu(body(normalize_batch(torch.cat([rec["x"] for rec in recs]))))
         batch = len(recs[0]["x"])
         for ranks in ([0, 1], [2, 3]):
             rows = torch.cat([torch.arange(r * batch, (r + 1) * batch) for r in ranks])
@@ -207,7 +213,7 @@ def test_body_gradient_is_that_of_the_global_batch(probed: list[dict]) -> None:
     net = TrainNet(body, super_head(body.feature_dim, 2))
     net.load_state_dict(recs[0]["net"])
     net.train()
-    h, super_logits = net(torch.cat([rec["x"] for rec in recs]))
+    h, super_logits = net(normalize_batch(torch.cat([rec["x"] for rec in recs])))
     batch, losses = len(recs[0]["x"]), []
     for r, rec in enumerate(recs):
         rows = slice(r * batch, (r + 1) * batch)

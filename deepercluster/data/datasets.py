@@ -39,7 +39,8 @@ class PseudoLabelled(Dataset):
     """Training samples. Index ``(row, seed)`` pairs come from the sampler; the seed fixes the crop, the flip and
     the rotation, so a sample depends on nothing but its position in the epoch.
 
-    Returns ``(image, super_class, sub_class)`` where ``super_class = super_cluster * n_rot + rotation``. With
+    Returns ``(pixels, super_class, sub_class)`` where ``pixels`` are the view's uint8 ``(H, W, 3)`` (see
+    :func:`~deepercluster.data.transforms.normalize_batch`) and ``super_class = super_cluster * n_rot + rotation``. With
     ``rotation`` given, every sample is turned by it (a DeeperCluster communication group trains one rotation).
     """
 

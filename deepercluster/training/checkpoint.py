@@ -12,7 +12,10 @@ checkpoint, so on resume its rows up to the checkpoint's step are kept.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,9 +91,25 @@ def read_log(store: RunStore, r: int, upto_step: int | None = None) -> list[dict
     return [row for row in rows if upto_step is None or row["step"] <= upto_step]
 
 
+def save_torch(store: RunStore, rel: str, obj: Any) -> None:
+    """``store.save_torch``, straight into the file for a local store (no in-memory copy of a large state):
+    a temporary name, fsync, then rename, so readers see all or nothing."""
+    if not store.is_local:
+        store.save_torch(rel, obj)
+        return
+    final = Path(store.path(rel))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
 def save_group_heads(store: RunStore, r: int, step: int, group: int, state: dict[str, Any]) -> None:
     """A group's sub-heads at ``step`` (``classes``: its super-classes, ``sub``: state dict, ``optimizer``)."""
-    store.save_torch(group_heads_rel(r, step, group), state)
+    save_torch(store, group_heads_rel(r, step, group), state)
 
 
 def load_group_heads(store: RunStore, r: int, step: int, group: int) -> dict[str, Any]:
@@ -106,15 +125,14 @@ def save_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, state: dict[st
     """Log, then checkpoint (the commit point), then the ``iter-<step>`` record, then older sub-head files go.
     ``state``: body, super-head and optimizer state dicts; the groups' sub-heads of ``pos.step`` are written."""
     write_log(store, r, log_rows)
-    store.save_torch(checkpoint_rel(r), {
+    save_torch(store, checkpoint_rel(r), {
         **state,
         "epoch": pos.epoch, "iteration": pos.iteration, "step": pos.step,
         "rng": rng_states, "world_size": len(rng_states), "config_hash": cfg.hash,
     })
     store.mark_done(STAGE, r, unit_name(pos.step), {"epoch": pos.epoch, "iteration": pos.iteration})
-    keep = f"step-{pos.step:06d}"
-    for name in store.listdir(heads_dir_rel(r)):
-        if name.startswith("step-") and name != keep:
+    for name in store.listdir(heads_dir_rel(r)):  # older ones only: the next checkpoint's may be under way
+        if name.startswith("step-") and name[len("step-"):].isdigit() and int(name[len("step-"):]) < pos.step:
             store.remove(f"{heads_dir_rel(r)}/{name}")
 
 

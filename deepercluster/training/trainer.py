@@ -4,14 +4,19 @@ Every rank builds the round's body and fresh heads. The body and the super-class
 every rank; the sub-heads in a DDP over the rank's communication group (:mod:`deepercluster.training.groups`):
 the world when every rank holds every head, else the ranks of one super-class. With groups, batch normalisation
 uses the statistics of the global batch (torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm` on CPU), as on
-CUDA with several ranks. CUDA also gets bf16 autocast and channels-last. Rank 0 checkpoints the body; each group's
-first rank its sub-heads; a rerun continues from the checkpoint at the same sample, bitwise on CPU.
+CUDA with several ranks. CUDA also gets bf16 autocast and channels-last. A group of one rank needs no DDP and gets none.
+
+Checkpoints are snapshots written by a background thread of each rank (training goes on meanwhile): rank 0 writes
+the body, each group's first rank its sub-heads, and ``checkpoint.pt`` is committed only once every file is whole.
+A rerun continues from the last committed checkpoint at the same sample, bitwise on CPU.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from deepercluster.config import PipelineConfig
 from deepercluster.data.datasets import PseudoLabelled
-from deepercluster.data.transforms import TrainingView
+from deepercluster.data.transforms import TrainingView, normalize_batch
 from deepercluster.features import model_rel
 from deepercluster.models import Body, load_body
 from deepercluster.models.heads import SubHeads, super_head
@@ -60,14 +65,51 @@ def heads_seed(cfg: PipelineConfig, r: int) -> int:
     return derive_seed(cfg.seed, r, HEADS_KEY)
 
 
-def _to_cpu(obj: Any) -> Any:
+def _to_cpu(obj: Any, copy: bool = False) -> Any:
+    """Tensors of ``obj`` (nested dicts/lists) on the CPU; with ``copy``, always new tensors (a snapshot that
+    training can no longer change)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return obj.detach().to("cpu", copy=copy)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _to_cpu(v, copy) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+        return [_to_cpu(v, copy) for v in obj]
     return obj
+
+
+class BackgroundWriter:
+    """Runs checkpoint writes in a thread, one at a time and in order: ``submit`` first waits for the previous
+    one; ``wait`` re-raises the error of a failed one."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+def _ddp(module: nn.Module, ranks: int, group: Any, device_ids: list[int] | None) -> nn.Module:
+    """``module`` all-reduced over ``group`` (``ranks`` processes); a group of one needs no DDP at all."""
+    if ranks == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
 
 
 class Trainer:
@@ -118,8 +160,11 @@ class Trainer:
             net = net.to(memory_format=torch.channels_last)
         self.net, self.sub = net, sub
         ids = [device.index] if device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(net, device_ids=ids)
-        self.ddp_sub = DistributedDataParallel(sub, device_ids=ids, process_group=head_pg) if sub is not None else None
+        self.ddp = _ddp(net, world, None, ids)
+        self.ddp_sub = _ddp(sub, self.plan.group_size, head_pg, ids) if sub is not None else None
+        # checkpoints are written by a thread of each rank, which meet on a gloo group of their own
+        self.ckpt_pg = dist.new_group(list(range(world)), backend="gloo")
+        self.writer = BackgroundWriter()
 
         def sgd(params: Any) -> torch.optim.SGD:
             return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -163,10 +208,11 @@ class Trainer:
 
     # ---- one iteration ----------------------------------------------------------------------------------------
     def forward_backward(self, x: torch.Tensor, super_class: torch.Tensor, sub_class: torch.Tensor) -> list[float]:
-        """Forward, loss, global metrics (checked finite before any gradient), backward: gradients are averaged
-        over every rank for the body and super head, over the group for the sub-heads. Returns the metrics."""
+        """Forward (``x``: the loader's uint8 pixels), loss, global metrics (checked finite before any gradient),
+        backward: gradients are averaged over every rank for the body and super head, over the group for the
+        sub-heads. Returns the metrics."""
         cuda = self.device.type == "cuda"
-        x = x.to(self.device, non_blocking=True)
+        x = normalize_batch(x.to(self.device, non_blocking=True))
         super_class = super_class.to(self.device, non_blocking=True)
         sub_class = sub_class.to(self.device, non_blocking=True)
         if cuda:
@@ -199,17 +245,32 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict()}
 
     def _checkpoint(self) -> None:
-        """Group leaders write their sub-heads, every rank's RNG state is gathered (so every file is written),
-        then rank 0 commits ``checkpoint.pt``."""
+        """Snapshot what this rank writes (its group's sub-heads if it leads the group; body, super head, optimizer
+        and log on rank 0) and every rank's RNG state; a background thread writes them while training goes on."""
+        heads = None
         if self.sub is not None and self.group_rank == 0:
-            ckpt_io.save_group_heads(self.store, self.r, self.pos.step, self.group, _to_cpu({
-                "classes": self.owned, "sub": self.sub.state_dict(),
-                "optimizer": self.head_optimizer.state_dict() if self.head_optimizer is not None else None}))
-        states: list[Any] = [None] * self.world
-        dist.all_gather_object(states, ckpt_io.rng_state())
+            heads = _to_cpu({"classes": self.owned, "sub": self.sub.state_dict(),
+                             "optimizer": self.head_optimizer.state_dict() if self.head_optimizer else None}, copy=True)
+        main = _to_cpu(self._state(), copy=True) if self.rank == 0 else None
+        self.writer.submit(self._write_checkpoint, self.pos, heads, main, ckpt_io.rng_state(), list(self.log_rows))
+
+    def _write_checkpoint(self, pos: Position, heads: dict[str, Any] | None, main: dict[str, Any] | None,
+                          rng: dict[str, Any], log_rows: list[dict[str, Any]]) -> None:
+        """(Writer thread, every rank.) Group leaders write their sub-heads; the ranks then exchange RNG states and
+        errors, so that rank 0 commits ``checkpoint.pt`` only once every group's file is whole."""
+        error = None
+        if heads is not None:
+            try:
+                ckpt_io.save_group_heads(self.store, self.r, pos.step, self.group, heads)
+            except Exception as err:  # told to every rank below, raised by each
+                error = f"rank {self.rank} could not write its sub-heads: {err}"
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, (rng, error), group=self.ckpt_pg)
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise TrainError(errors[0])
         if self.rank == 0:
-            ckpt_io.save_checkpoint(self.store, self.r, self.cfg, _to_cpu(self._state()), self.pos, states,
-                                    self.log_rows)
+            ckpt_io.save_checkpoint(self.store, self.r, self.cfg, main, pos, [s for s, _ in gathered], log_rows)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -243,6 +304,7 @@ class Trainer:
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
+        self.writer.wait()
         rows = self.log_rows
         seconds = sum(self.world * self.batch / row["images_per_s"] for row in rows)
         info = {
