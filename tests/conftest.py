@@ -39,6 +39,19 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+TRAIN_IMAGES = 200  # random 16 px RGB images for the training tests: 200 // (2 ranks x 8) = 12 iterations per epoch
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``TRAIN_IMAGES`` random 16x16 RGB PNGs (no labels), shared by the training tests."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(TRAIN_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
+
+
 def tiny_overrides(source: Path | str, **sections: dict) -> dict:
     """A config small enough for a test: 16 px smallnet, 40-image shards, few clusters, one short epoch."""
     base = {

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from conftest import TRAIN_IMAGES
 from scipy.stats import chisquare
 
 from deepercluster.config import PipelineConfig, build_config
@@ -155,16 +155,7 @@ def test_loss_with_a_missing_level() -> None:
 
 
 # ---- real torchrun runs ---------------------------------------------------------------------------------------------
-N_IMAGES = 200  # 200 // (2 ranks x 8) = 12 iterations per epoch, 24 steps in all
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
-    return folder
+N_IMAGES = TRAIN_IMAGES  # 200 // (2 ranks x 8) = 12 iterations per epoch, 24 steps in all
 
 
 def tiny_config(folder: Path, **train: object) -> PipelineConfig:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.stats import chisquare
-from test_training import N_IMAGES, make_run
+from test_training import make_run
 from torchvision import transforms as T
 
 from deepercluster.data.datasets import PseudoLabelled
@@ -31,15 +31,6 @@ from deepercluster.training.sampler import GroupClusterSampler, samples_per_rank
 from deepercluster.training.trainer import TrainNet
 
 PROBE = Path(__file__).with_name("training_group_probe.py")
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
-    return folder
 
 
 # ---- layout, sampler, heads, dataset, progress line (no process group) ---------------------------------------------
