@@ -8,15 +8,14 @@ blocks of at least ``min_rows`` rows, so memory stays bounded by a few shards wh
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
 from deepercluster.errors import StoreError
+from deepercluster.prefetch import read_ahead
 from deepercluster.store import RunStore, round_dir
 
 MIN_BLOCK_ROWS = 1 << 14  # rows handed to one assignment call when streaming (more when a shard is larger)
@@ -92,19 +91,7 @@ class ShardedVectors:
 
     def shard_blocks(self) -> Iterator[tuple[ShardMembers, np.ndarray]]:
         """(members, their rows) shard by shard in order, reading up to ``threads`` shards ahead."""
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="shard-reader") as pool:
-            pending: deque[tuple[ShardMembers, Future]] = deque()
-            todo = iter(self.members)
-            for m in todo:
-                pending.append((m, pool.submit(self.read, m)))
-                if len(pending) >= self.threads:
-                    break
-            while pending:
-                m, fut = pending.popleft()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(self.read, nxt)))
-                yield m, fut.result()
+        yield from read_ahead(self.read, self.members, depth=self.threads, threads=self.threads, name="shard-reader")
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         parts: list[np.ndarray] = []

@@ -8,9 +8,7 @@ geometric part of the clustering view (resize + centre crop, on PIL images) runs
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,6 +18,7 @@ from torchvision import transforms as T
 from deepercluster.data.images import decode, read_bytes
 from deepercluster.data.transforms import clustering_view
 from deepercluster.errors import DataError
+from deepercluster.prefetch import read_ahead
 
 
 class HostView:
@@ -83,20 +82,5 @@ class BatchLoader:
         return self.view.normalise(nhwc)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        starts = iter(range(0, len(self.uris), self.batch_size))
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
-        pending: deque[tuple[int, Future]] = deque()
-        try:
-            for lo in starts:
-                pending.append((lo, pool.submit(self._batch, lo)))
-                if len(pending) >= self.prefetch:
-                    break
-            while pending:
-                lo, future = pending.popleft()
-                batch = future.result()
-                nxt = next(starts, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(self._batch, nxt)))
-                yield lo, batch
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        starts = range(0, len(self.uris), self.batch_size)
+        yield from read_ahead(self._batch, starts, depth=self.prefetch, threads=self.threads, name="decode")
