@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from deepercluster.run import open_run
+from deepercluster.training.launch import run_train_stage
 from deepercluster.training.progress import parse_progress
 
 
@@ -51,8 +52,6 @@ class TrainProgress:
 @task(name="train-round", retries=1, retry_delay_seconds=5)
 def train_round(run: str, r: int, force: bool = False) -> dict:
     """Launches torchrun; a retry resumes from the last checkpoint in the store."""
-    from deepercluster.training.launch import run_train_stage
-
     store, cfg = open_run(run)
     if store.stage_done("train", r) and not force:
         return run_train_stage(store, cfg, r)
