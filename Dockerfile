@@ -1,6 +1,6 @@
 # One image for the Prefect worker, the Dask scheduler and the Dask workers (same code, same versions everywhere).
 # torch's Linux wheels bring their CUDA libraries; the GPU comes from docker-compose.yml's device reservations.
-FROM python:3.11-slim
+FROM python:3.11.13-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -71,9 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=100, help="clusters of deepcluster and clusterfit (over-clustering)")
     p.add_argument("--super-clusters", type=int, default=2, help="deepercluster: level-1 clusters (x 4 rotations)")
     p.add_argument("--pca-dim", type=int, default=32)
+    p.add_argument("--epoch-images", type=int, default=None, help="images drawn per training epoch (uniformly over "
+                   "the clusters; default: all of them)")
     p.add_argument("--batch-size", type=int, default=128, help="images per rank per iteration")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--nproc", type=int, default=1, help="torchrun ranks")
+    p.add_argument("--crop-ratio", type=float, default=1.0, help="clustering view's centre crop (the papers' 0.875 "
+                   "is for photos with background; these small centred images fill their frame)")
     p.add_argument("--crop-scale", type=float, default=0.5, help="RandomResizedCrop lower scale")
     p.add_argument("--probe-train", type=float, default=0.5, help="fraction (<1) or count of labelled images")
     p.add_argument("--probe-test", type=float, default=0.5, help="fraction (<1) or count of labelled images")
@@ -92,12 +96,14 @@ def base_config(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     return {
         "rounds": args.rounds,
         "seed": args.seed,
-        "data": {"source": str(folder), "shard_size": 1024, "image_size": args.image_size},
+        "data": {"source": str(folder), "shard_size": 1024, "image_size": args.image_size,
+                 "crop_ratio": args.crop_ratio},
         "model": {"arch": "smallnet", "feature_dim": args.feature_dim, "sobel": args.sobel},
         "extract": {"batch_size": 512},
         "cluster": {"pca_dim": args.pca_dim, "niter": 20},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "nproc": args.nproc,
-                  "checkpoint_every": 200, "crop_scale": [args.crop_scale, 1.0]},
+                  "checkpoint_every": 200, "crop_scale": [args.crop_scale, 1.0],
+                  "epoch_images": args.epoch_images},
         "eval": {"probe_train": split_size(args.probe_train), "probe_test": split_size(args.probe_test),
                  "final_round": True},
         "runtime": {"dask_workers": args.dask_workers},

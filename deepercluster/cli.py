@@ -74,23 +74,21 @@ def stage(
     round_: Annotated[int, typer.Option("--round", help="round (ignored by shard)")] = 0,
     force: Annotated[bool, typer.Option("--force", help="recompute even the units already done")] = False,
 ) -> None:
-    """Run (or rerun with --force) one stage of an existing run."""
-    from deepercluster.run import open_run
+    """Run (or rerun with --force) one stage of an existing run: the flow the `stage/NAME` deployments run."""
+    from deepercluster.run import check_stage, open_run
 
     if name not in STAGES:
         _fail(ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}"))
     try:
         store, cfg = open_run(run_dir)
-        if name != "shard" and not 0 <= round_ < cfg.rounds:
-            raise DeeperClusterError(f"round {round_} is outside this run's rounds 0..{cfg.rounds - 1}")
+        check_stage(cfg, name, round_)
     except DeeperClusterError as err:
         _fail(err)
     _prefect_env()
-    from flows.stages import STAGE_FLOWS
+    from flows.stages import stage_flow
 
     try:
-        result = STAGE_FLOWS[name](store.uri, force=force) if name == "shard" else STAGE_FLOWS[name](
-            store.uri, round_, force=force)
+        result = stage_flow(store.uri, name, round_, force=force)
     except DeeperClusterError as err:
         _fail(err)
     summary = {k: v for k, v in result.items() if isinstance(v, int | float | str) and k not in ("unit", "pid")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ Arch = Literal["smallnet", "alexnet", "vgg16", "resnet18", "resnet50"]
 SourceKind = Literal["auto", "folder", "list", "yfcc100m", "webdataset"]
 BUNDLED_SOURCES = {"digits": 1797}
 MIN_IMAGE_SIZE = {"smallnet": 8, "alexnet": 64, "vgg16": 32, "resnet18": 32, "resnet50": 32}
+# keys that moved from a hashed section to ``runtime``, still accepted (with a warning) at their old place
+MOVED_TO_RUNTIME = {"cluster": {"memory_budget_mb", "stream_threads"}}
 
 
 class _Section(BaseModel):
@@ -37,14 +40,18 @@ class DataConfig(_Section):
     limit: int | None = Field(None, ge=1, description="use only the first N images of the sorted listing")
     shard_size: int = Field(256, ge=1, description="images per shard: the unit of extraction and of zarr writes")
     image_size: int = Field(32, ge=8, description="side of the square network input")
-    crop_ratio: float = Field(1.0, gt=0, le=1, description="clustering view: resize to size/ratio, centre crop")
+    crop_ratio: float = Field(0.875, gt=0, le=1, description="clustering view (extraction): resize the short side to "
+                              "size/ratio, centre crop size; 0.875 is the papers' Resize(256) + CenterCrop(224)")
     max_pixels: int = Field(89_478_485, ge=1, description="images above this pixel count are rejected")
     min_side: int = Field(1, ge=1, description="images whose shorter side is below this are rejected")
     label_column: str = Field("label", description="file list: the column (csv/parquet) holding an optional label")
     path_template: str | None = Field(None, description="yfcc100m: image location of a photo, e.g. "
                                       "'s3://bucket/{hash[:3]}/{hash[3:6]}/{hash}.jpg' or '/mirror/{id}.jpg'")
     id_list: str | None = Field(None, description="yfcc100m: keep only these photo ids (.npy, .txt or .parquet)")
-    part_size: int = Field(512, ge=1, description="listing rows per scan task (the shard stage's unit of work)")
+    part_size: int = Field(2048, ge=1, description="listing rows per scan task (the shard stage's unit of work); "
+                           "fewer, larger parts cost less bookkeeping, more parts balance better across workers")
+    repack: bool = Field(False, description="also copy the kept images of each shard into one webdataset tar "
+                         "(data/packed/shard-XXXXX.tar) that the extract and train stages then read sequentially")
 
     @field_validator("source")
     @classmethod
@@ -96,6 +103,9 @@ class ExtractConfig(_Section):
     decode_threads: int = Field(2, ge=1, description="threads decoding images ahead of the forward pass")
     prefetch_batches: int = Field(2, ge=1, description="batches decoding ahead of the forward pass (>= threads)")
     autocast: Literal["bfloat16", "float16", "off"] = Field("bfloat16", description="CUDA autocast (CPU: float32)")
+    shards_per_task: int = Field(4, ge=1, description="consecutive image shards one Dask task extracts in one stream "
+                                 "(each still written and recorded on its own): no pipeline drain between them, and "
+                                 "the write of one overlaps the next")
 
 
 class ClusterConfig(_Section):
@@ -105,9 +115,6 @@ class ClusterConfig(_Section):
     pca_sample: int = Field(100_000, ge=2, description="images the PCA is fitted on")
     niter: int = Field(20, ge=1, description="Lloyd iterations per k-means")
     whiten: bool = True
-    memory_budget_mb: float = Field(4096, gt=0, description="memory for one k-means unit's whitened vectors: a "
-                                    "(super-)cluster larger than this is clustered out of core, streaming its shards")
-    stream_threads: int = Field(2, ge=1, description="feature shards read ahead in parallel when streaming")
 
     @property
     def n_targets(self) -> int:
@@ -125,6 +132,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
     crop_scale: tuple[float, float] = Field((0.5, 1.0), description="RandomResizedCrop scale range")
     hflip: bool = True
+    epoch_images: int | None = Field(None, ge=1, description="images drawn (uniformly over the clusters) per epoch; "
+                                     "default: as many as the round's images. A fixed epoch size, as DeeperCluster's, "
+                                     "keeps a round's cost independent of the dataset size")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     nnodes: int = Field(1, ge=1, description="torchrun nodes (world = nnodes x nproc); more than 1 needs "
                         "runtime.rdzv_endpoint")
@@ -203,8 +213,13 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rdzv_endpoint: str | None = Field(None, description="host:port of the torchrun c10d rendezvous (on the first "
                                       "node) when train.nnodes > 1")
-    gpu_workers: bool = Field(False, description="send GPU work (extraction) only to Dask workers with the resource "
-                              "GPU=1; a local cluster started here then has one such worker per visible GPU")
+    gpu_workers: bool = Field(False, description="send GPU work only to Dask workers with the resource GPU: "
+                              "extraction and clustering GPU=1 per task, training GPU=train.nproc on one worker; a "
+                              "local cluster started here then has one GPU=1 worker per visible GPU")
+    memory_budget_mb: float = Field(4096, gt=0, description="cluster stage: memory for one k-means unit's whitened "
+                                    "vectors; a (super-)cluster larger than this is clustered out of core, streaming "
+                                    "its shards (same assignments)")
+    stream_threads: int = Field(2, ge=1, description="cluster stage: feature shards read ahead in parallel")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of a remote run "
                                             "store, e.g. {endpoint_url: http://minio:9000}; credentials belong in "
                                             "the environment (AWS_ACCESS_KEY_ID...), never here")
@@ -231,6 +246,27 @@ class PipelineConfig(_Section):
     eval: EvalConfig = EvalConfig()
     clusterfit: ClusterFitConfig = ClusterFitConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_runtime(cls, data: Any) -> Any:
+        """Keys that left a hashed section for ``runtime`` (they never change results) are still read from their
+        old place, with a warning; a value given in ``runtime`` wins."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section, keys in MOVED_TO_RUNTIME.items():
+            old = data.get(section)
+            if not isinstance(old, dict) or not keys & old.keys():
+                continue
+            moved = {key: old[key] for key in sorted(keys & old.keys())}
+            warnings.warn(f"{', '.join(f'{section}.{key}' for key in moved)} moved to runtime.* (it never changes "
+                          "results): set it under runtime in the config", FutureWarning, stacklevel=2)
+            runtime = data.get("runtime") or {}
+            runtime = runtime.model_dump(exclude_unset=True) if isinstance(runtime, BaseModel) else dict(runtime)
+            data["runtime"] = {**moved, **runtime}
+            data[section] = {key: value for key, value in old.items() if key not in moved}
+        return data
 
     @model_validator(mode="after")
     def _clusterfit_has_a_source(self) -> PipelineConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deepercluster.config import PipelineConfig, config_from_yaml_text
 from deepercluster.errors import ConfigError, StoreError
-from deepercluster.store import RunStore
+from deepercluster.store import STAGES, RunStore
 
 CONFIG_FILE = "config.yaml"
 
@@ -32,6 +32,14 @@ def open_run(run_uri: str) -> tuple[RunStore, PipelineConfig]:
     """The store and the config of an existing run: what every stage starts from."""
     store = RunStore(run_uri)
     return store, load_run_config(store)
+
+
+def check_stage(cfg: PipelineConfig, stage: str, r: int) -> None:
+    """Raise a one-line error unless ``stage`` is a stage name and ``r`` one of the run's rounds (shard: any)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if stage != "shard" and not 0 <= r < cfg.rounds:
+        raise ConfigError(f"round {r} is outside this run's rounds 0..{cfg.rounds - 1}")
 
 
 def load_run_config(store: RunStore) -> PipelineConfig:

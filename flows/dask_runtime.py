@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
 
 from deepercluster.config import RuntimeConfig
+from deepercluster.errors import ConfigError
 
 
 @contextmanager
@@ -52,6 +53,22 @@ def local_gpu_cluster(n_workers: int, env: dict[str, str]) -> Iterator[str]:
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
     with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address
+
+
+def require_resources(address: str, resources: dict[str, int], setting: str) -> None:
+    """Raise a one-line error unless a worker of the scheduler at ``address`` advertises ``resources`` (a task
+    asking for more than any worker has would wait forever)."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        have = [w.get("resources") or {} for w in client.scheduler_info()["workers"].values()]
+    if any(all(h.get(k, 0) >= v for k, v in resources.items()) for h in have):
+        return
+    wanted = ",".join(f"{k}={v}" for k, v in resources.items())
+    best = max((h.get(k, 0) for h in have for k in resources), default=0)
+    raise ConfigError(f"{setting} with runtime.gpu_workers needs a Dask worker with --resources {wanted}, but the "
+                      f"workers at {address} advertise at most {best}: lower {setting}, or start one worker per node "
+                      f"that sees all its GPUs with `dask worker {address} --resources GPU=<its GPUs>`")
 
 
 def prefect_api_url() -> str:

@@ -24,6 +24,13 @@ def extract_shard(run: str, r: int, shard: int) -> int:
     return features.extract_shard(store, cfg, r, shard)
 
 
+@task(name="extract-shards", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def extract_shards(run: str, r: int, shards: list[int]) -> int:
+    """A group of consecutive shards in one stream (each still written and recorded on its own)."""
+    store, cfg = open_run(run)
+    return features.extract_shards(store, cfg, r, shards)
+
+
 @task(name="finalize-extract")
 def finalize_extract(run: str, r: int) -> dict[str, int]:
     store, _ = open_run(run)

@@ -29,6 +29,18 @@ def finalize_manifest(run: str) -> dict[str, int]:
     return shard.finalize_manifest(store, cfg.data)
 
 
+@task(name="repack-shard", retries=2, retry_delay_seconds=2)
+def repack_shard(run: str, shard_id: int) -> int:
+    store, cfg = open_run(run)
+    return shard.repack_shard(store, cfg.data, shard_id)
+
+
+@task(name="finalize-shard-stage")
+def finalize_shard_stage(run: str) -> dict:
+    store, cfg = open_run(run)
+    return shard.finalize_shard_stage(store, cfg.data)
+
+
 class ScanProgress:
     """A progress bar (Prefect progress artifact ``shard-scan``) and a log line every 10% of the listing parts."""
 

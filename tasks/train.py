@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -49,10 +50,30 @@ class TrainProgress:
             update_progress_artifact(self._artifact, round(100.0 * p["step"] / p["steps"], 1))
 
 
+def released_by_dask() -> Callable[[], bool] | None:
+    """On a Dask worker: a check that says when the task running in this thread is no longer wanted (its future
+    cancelled or released, e.g. because the flow that submitted it died); None elsewhere."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, KeyError):  # not a Dask worker's task thread
+        return None
+
+    def released() -> bool:
+        ts = worker.state.tasks.get(key)
+        return ts is None or ts.state not in ("executing", "long-running")
+
+    return released
+
+
 @task(name="train-round", retries=1, retry_delay_seconds=5)
 def train_round(run: str, r: int, force: bool = False) -> dict:
-    """Launches torchrun; a retry resumes from the last checkpoint in the store."""
+    """Launches torchrun (on the Dask worker the task was sent to, stopped if the task is cancelled there); a
+    retry resumes from the last checkpoint in the store."""
     store, cfg = open_run(run)
     if store.stage_done("train", r) and not force:
         return run_train_stage(store, cfg, r)
-    return run_train_stage(store, cfg, r, force=force, on_line=TrainProgress(get_run_logger(), r))
+    return run_train_stage(store, cfg, r, force=force, on_line=TrainProgress(get_run_logger(), r),
+                           should_stop=released_by_dask())

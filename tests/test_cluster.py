@@ -77,6 +77,8 @@ def test_assignment_does_not_depend_on_batching_and_breaks_ties_low():
     whole, _ = nc.assign(x)
     one_by_one = np.concatenate([nc.assign(x[i : i + 1])[0] for i in range(0, 3000, 1)])  # faiss's non-BLAS path
     assert np.array_equal(whole, one_by_one) and whole[0] == 10 and whole[1] == 3 and not (whole == 7).any()
+    for threads in (1, 2, 3):  # score blocks shared out among search threads
+        assert np.array_equal(NearestCentroid(c, threads=threads).assign(x)[0], whole)
     exact = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
     assert np.array_equal(whole, exact.argmin(1))
     # blocks of 7 rows in Lloyd give bit-identical centroids and assignments
@@ -163,7 +165,8 @@ def test_out_of_core_gives_the_in_memory_assignments(extracted, monkeypatch, dup
         for store in (in_memory, streamed):
             array = zarr.open_array(store.url(features_rel(0)), mode="r+")
             array[:] = np.repeat(array[:6], 40, axis=0)  # 6 distinct vectors
-    small = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"memory_budget_mb": 0.001})})
+    small = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"memory_budget_mb": 0.001})})
+    assert small.hash == cfg.hash  # where to compute, not what: the budget is not hashed
     monkeypatch.setattr(vectors_module, "MIN_BLOCK_ROWS", 1)
     ref = run_cluster_stage(in_memory, cfg, 0)
     out = run_cluster_stage(streamed, small, 0)
@@ -204,3 +207,14 @@ def test_too_many_clusters_for_the_run(extracted):
     big = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"k": 500})})
     with pytest.raises(ConfigError, match="exceeds the 240 images"):
         run_cluster_stage(store, big, 0)
+
+
+def test_budget_and_reader_threads_are_runtime_settings():
+    """They never change results, so they live in the unhashed runtime section; the old cluster.* keys still work,
+    with a warning, and an explicit runtime value wins."""
+    ref = build_config({"cluster": {"k": 5}})
+    with pytest.warns(FutureWarning, match=r"cluster.memory_budget_mb, cluster.stream_threads moved to runtime"):
+        old = build_config({"cluster": {"k": 5, "memory_budget_mb": 1.5, "stream_threads": 3},
+                            "runtime": {"stream_threads": 4}})
+    assert old.runtime.memory_budget_mb == 1.5 and old.runtime.stream_threads == 4
+    assert old.hash == ref.hash and "memory_budget_mb" not in old.hashed_dict()["cluster"]

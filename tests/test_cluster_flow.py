@@ -22,7 +22,8 @@ def test_cluster_flow_on_dask_matches_one_process(tmp_path: Path, digits_dir: Pa
 
     from flows.stages import cluster_flow
 
-    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 4, "k": 5, "stream_threads": 3}))
+    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 4, "k": 5},
+                                      runtime={"stream_threads": 3}))
     flow_store, local_store = RunStore(tmp_path / "flow"), RunStore(tmp_path / "local")
     for store in (flow_store, local_store):
         init_run(store, cfg)
@@ -32,8 +33,8 @@ def test_cluster_flow_on_dask_matches_one_process(tmp_path: Path, digits_dir: Pa
     stats = cluster_flow(flow_store.uri, 0, dask_address=dask_address)
     assert stats["targets"] == 20 and stats["level2"]["streamed"] == []
     # one process, one reading thread, every unit streamed out of core: the same assignments
-    one = cfg.cluster.model_copy(update={"stream_threads": 1, "memory_budget_mb": 0.001})
-    local = run_cluster_stage(local_store, cfg.model_copy(update={"cluster": one}), 0)
+    one = cfg.runtime.model_copy(update={"stream_threads": 1, "memory_budget_mb": 0.001})
+    local = run_cluster_stage(local_store, cfg.model_copy(update={"runtime": one}), 0)
     assert local["level2"]["streamed"] == [0, 1, 2, 3]
     assert load_assignments(flow_store, 0).equals(load_assignments(local_store, 0))
 

@@ -121,3 +121,19 @@ def test_services_are_local_healthy_and_keep_their_data():
     assert doc["services"]["prefect-server"]["image"].startswith(f"prefecthq/prefect:{prefect}-")
     start = doc["services"]["prefect-worker"]["command"][-1]
     assert "prefect deploy --all --prefect-file deployments/prefect.yaml" in start and "--with-healthcheck" in start
+
+
+def test_every_image_is_pinned():
+    """No `latest` and no untagged image: a rebuild months later starts the same servers. This project's image is
+    tagged with its version, the one deployments/prefect-docker.yaml runs flows in."""
+    services = load_compose()["services"]
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for name, svc in services.items():
+        image = svc["image"]
+        repo, _, tag = image.rpartition(":")
+        assert repo and "/" not in tag and tag not in ("", "latest"), f"{name}: {image} is not pinned to a tag"
+        if "build" in svc:
+            assert image == f"deepercluster:{version}", name
+    docker_pool = yaml.safe_load((ROOT / "deployments" / "prefect-docker.yaml").read_text())
+    assert docker_pool["definitions"]["work_pool"]["job_variables"]["image"] == f"deepercluster:{version}"
+    assert re.search(r"^FROM python:3\.11\.\d+-slim-\w+$", (ROOT / "Dockerfile").read_text(), re.M)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ROOT / "deployments"
 BIN = Path(sys.executable).parent
 PROCESS_POOL = "deepercluster-process"
-STAGE_FLOWS = ("shard", "extract", "cluster", "train", "evaluate")
+STAGES = ("shard", "extract", "cluster", "train", "evaluate")
+DEPLOYED = {"deepercluster/loop", "clusterfit/run", *(f"stage/{s}" for s in STAGES)}  # flow name/deployment name
 
 
 def _free_port() -> int:
@@ -42,12 +44,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
 def _deployments(name: str) -> list[dict]:
     return yaml.safe_load((DEPLOYMENTS / name).read_text())["deployments"]
 
 
 def test_deployment_files_match_the_flows():
-    """Both files deploy every flow with parameters the flow accepts; the Docker file mirrors the process one."""
+    """Both files deploy every flow with parameters the flow accepts; the Docker file mirrors the process one; the
+    flow `stage` has one deployment per stage, named after it, fixing its `stage` parameter."""
     from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.flows import load_flow_from_entrypoint
 
@@ -62,14 +69,14 @@ def test_deployment_files_match_the_flows():
         assert set(d["parameters"]) <= set(params), d["entrypoint"]
         assert "run" not in d["parameters"] and params["run"].default is inspect.Parameter.empty  # run is required
         flows[f"{flow.name}/{d['name']}"] = d
-    assert set(flows) == {"deepercluster/loop", "clusterfit/run", *(f"{s}/stage" for s in STAGE_FLOWS)}
-    for d in flows.values():
-        if d["entrypoint"].startswith("flows/stages.py") and "shard" not in d["entrypoint"]:
-            assert d["parameters"] == {"round": 0, "force": False}
+    assert set(flows) == DEPLOYED
+    for s in STAGES:
+        expected = {"stage": s, "force": False} | ({} if s == "shard" else {"round": 0})
+        assert flows[f"stage/{s}"]["parameters"] == expected, s
     assert [(d["entrypoint"], d["parameters"]) for d in docker] == [(d["entrypoint"], d["parameters"]) for d in process]
     assert {d["work_pool"]["name"] for d in process} == {PROCESS_POOL}
     job = docker[0]["work_pool"]["job_variables"]
-    assert job["image"] == "deepercluster:latest" and job["env"]["DEEPERCLUSTER_DASK_ADDRESS"].startswith("tcp://")
+    assert job["image"] == f"deepercluster:{_version()}" and job["env"]["DEEPERCLUSTER_DASK_ADDRESS"].startswith("tcp://")
 
 
 # ---- real servers -------------------------------------------------------------------------------------------------
@@ -199,13 +206,12 @@ def test_deployments_on_a_prefect_server_with_postgres(prefect_on_postgres, dask
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         flow_names = {f.id: f.name for f in client.read_flows()}
         deployed = {f"{flow_names[d.flow_id]}/{d.name}": d for d in client.read_deployments()}
-    expected = {"deepercluster/loop", "clusterfit/run", *(f"{s}/stage" for s in STAGE_FLOWS)}
-    assert expected | {f"{n}-docker" for n in expected} == set(deployed)
-    assert {deployed[n].work_pool_name for n in expected} == {PROCESS_POOL}
-    assert deployed["cluster/stage"].parameters == {"round": 0, "force": False}
-    assert deployed["cluster/stage"].pull_steps == [
+    assert DEPLOYED | {f"{n}-docker" for n in DEPLOYED} == set(deployed)
+    assert {deployed[n].work_pool_name for n in DEPLOYED} == {PROCESS_POOL}
+    assert deployed["stage/cluster"].parameters == {"stage": "cluster", "round": 0, "force": False}
+    assert deployed["stage/cluster"].pull_steps == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-    assert deployed["cluster/stage-docker"].job_variables["image"] == "deepercluster:latest"
+    assert deployed["stage/cluster-docker"].job_variables["image"] == f"deepercluster:{_version()}"
 
     run = str(tmp_path / "run")
     cfg = build_config(tiny_overrides(digits_dir, rounds=1, eval={"linear_probe": False, "knn": False}))
@@ -218,9 +224,9 @@ def test_deployments_on_a_prefect_server_with_postgres(prefect_on_postgres, dask
                               stdout=worker_log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        # 1. one stage (as `deepercluster stage shard --run RUN` would)
+        # 1. one stage (the flow `deepercluster stage shard --run RUN` runs)
         with temporary_settings({PREFECT_API_URL: api}):
-            shard_run = run_deployment("shard/stage", parameters={"run": run}, timeout=300, poll_interval=1)
+            shard_run = run_deployment("stage/shard", parameters={"run": run}, timeout=300, poll_interval=1)
         assert shard_run.state.is_completed(), shard_run.state
         assert store.stage_done("shard", None) and not store.stage_done("extract", 0)
         shard_records = _records(store, "shard", None)
@@ -239,7 +245,7 @@ def test_deployments_on_a_prefect_server_with_postgres(prefect_on_postgres, dask
         cluster_before = store.done_record("cluster", 0, "_stage")
 
         # 3. rerun one stage with force from the command line: only that stage is recomputed
-        _prefect(env, "deployment", "run", "cluster/stage", "--param", f"run={run}", "--param", "round=0",
+        _prefect(env, "deployment", "run", "stage/cluster", "--param", f"run={run}", "--param", "round=0",
                  "--param", "force=true", "--watch", "--watch-timeout", "300")
         assert store.done_record("cluster", 0, "_stage")["finished_at"] > cluster_before["finished_at"]
         assert {s: _records(store, s, 0) for s in untouched} == untouched
@@ -252,13 +258,18 @@ def test_deployments_on_a_prefect_server_with_postgres(prefect_on_postgres, dask
         for fr in runs:
             if fr.deployment_id:
                 by_deployment.setdefault(fr.deployment_id, []).append(fr)
-        for name in ("shard/stage", "deepercluster/loop", "cluster/stage"):
+        for name in ("stage/shard", "deepercluster/loop", "stage/cluster"):
             (fr,) = by_deployment[deployed[name].id]
             assert fr.state.type == StateType.COMPLETED, (name, fr.state)
             assert fr.parameters["run"] == run
+            if name.startswith("stage/"):  # the deployment's fixed stage ran, as a subflow of the flow `stage`
+                assert fr.parameters["stage"] == name.split("/")[1]
+                children = [c for c in runs if c.parent_task_run_id
+                            and client.read_task_run(c.parent_task_run_id).flow_run_id == fr.id]
+                assert [client.read_flow(c.flow_id).name for c in children] == [name.split("/")[1]]
         # the loop's stages are subflow runs of the same server, all completed
         sub = [fr for fr in runs if fr.parent_task_run_id is not None]
-        assert {f.name for f in client.read_flows()} >= set(STAGE_FLOWS)
+        assert {f.name for f in client.read_flows()} >= {"stage", *STAGES}
         assert sub and all(fr.state.type == StateType.COMPLETED for fr in sub)
         artifacts = {a.key for a in client.read_latest_artifacts()}
         assert {"deepercluster-history", "deepercluster-cluster-sizes", "deepercluster-galleries"} <= artifacts

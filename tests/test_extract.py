@@ -36,7 +36,7 @@ def test_extract_writes_one_zarr_shard_per_image_shard(tmp_path: Path, digits_di
 
     # the stored rows are the model's features of the manifest's images, in manifest order
     body = load_body(cfg.model, store.load_torch("rounds/0/model.pt")["body"]).eval()
-    images = ImageList(manifest["uri"].tolist()[45:50], clustering_view(cfg.data.image_size))
+    images = ImageList(manifest["uri"].tolist()[45:50], clustering_view(cfg.data.image_size, cfg.data.crop_ratio))
     with torch.no_grad():
         expected = body(torch.stack([images[i] for i in range(5)])).numpy()
     np.testing.assert_allclose(array[45:50].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
@@ -84,6 +84,8 @@ def test_threaded_loader_matches_the_clustering_view(digits_dir: Path):
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
+    overlapped = BatchLoader(uris, HostView(20, 0.8), batch_size=5, threads=3, prefetch=2, overlap=True)
+    torch.testing.assert_close(torch.cat([b for _, b in overlapped]), got, rtol=0, atol=0)  # both schedules agree
     raw = torch.cat([b for _, b in BatchLoader(uris, HostView(20, 0.8), 8, on_device_normalise=True)])
     assert raw.dtype == torch.uint8 and raw.shape == (23, 20, 20, 3)  # the device normalises these
 
@@ -97,7 +99,8 @@ def test_layer_is_configurable_and_checked(tmp_path: Path, digits_dir: Path):
     assert array.shape == (240, 64)
 
     body = load_body(cfg.model, store.load_torch("rounds/0/model.pt")["body"]).eval()
-    images = ImageList(load_manifest(store)["uri"].tolist()[:6], clustering_view(cfg.data.image_size))
+    images = ImageList(load_manifest(store)["uri"].tolist()[:6],
+                       clustering_view(cfg.data.image_size, cfg.data.crop_ratio))
     with torch.no_grad():
         maps = body.trunk[:13](torch.stack([images[i] for i in range(6)]))
     np.testing.assert_allclose(array[:6].astype(np.float32), maps.mean(dim=(2, 3)).numpy(), rtol=4e-3, atol=4e-3)

@@ -41,7 +41,8 @@ def _new_run(path: Path, digits_dir: Path, **sections) -> tuple[RunStore, Pipeli
 def _reference(store: RunStore, cfg: PipelineConfig) -> np.ndarray:
     """Single-process extraction the plain way: the dataset's view, one batch, the body in float32."""
     body = load_body(cfg.model, store.load_torch(model_rel(0))["body"]).eval()
-    images = ImageList(load_manifest(store)["uri"].tolist(), clustering_view(cfg.data.image_size))
+    images = ImageList(load_manifest(store)["uri"].tolist(),
+                       clustering_view(cfg.data.image_size, cfg.data.crop_ratio))
     with torch.inference_mode():
         return body(torch.stack([images[i] for i in range(len(images))])).numpy()
 

@@ -22,7 +22,7 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import pipeline_flow
-    from flows.stages import cluster_flow
+    from flows.stages import stage_flow
 
     run = str(tmp_path / "run")
     metrics = pipeline_flow(run, config=tiny_overrides(digits_dir), dask_address=dask_address)
@@ -43,10 +43,10 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
         artifact = client.read_latest_artifacts()
         assert any(a.key == "deepercluster-history" for a in artifact)
 
-    # rerunning one stage recomputes only that stage
+    # rerunning one stage (the flow behind `deepercluster stage` and the stage/<name> deployments) recomputes only it
     untouched = {(s, r): _records(store, s, r) for s in ROUND_STAGES for r in (0, 1) if (s, r) != ("cluster", 1)}
     before = store.done_record("cluster", 1, "_stage")
-    cluster_flow(run, 1, force=True, dask_address=dask_address)
+    stage_flow(run, "cluster", 1, force=True, dask_address=dask_address)
     assert store.done_record("cluster", 1, "_stage")["finished_at"] > before["finished_at"]
     assert {k: _records(store, *k) for k in untouched} == untouched
     assert load_assignments(store, 1)["target"].between(0, 9).all()
@@ -65,3 +65,19 @@ def test_flow_refuses_a_changed_config(tmp_path: Path, digits_dir: Path, dask_ad
     init_run(RunStore(run), build_config(tiny_overrides(digits_dir)))
     with pytest.raises(ConfigError, match="another config"):
         pipeline_flow(str(run), config=tiny_overrides(digits_dir, cluster={"k": 4}), dask_address=dask_address)
+
+
+def test_stage_flow_checks_its_stage_round_and_deployment(tmp_path: Path, digits_dir: Path, monkeypatch):
+    """One-line errors before any work: a round the run does not have, and a stage/<name> deployment asked to run
+    another stage (its `stage` parameter overridden)."""
+    from deepercluster.errors import ConfigError
+    from flows.stages import stage_flow
+
+    run = tmp_path / "run"
+    init_run(RunStore(run), build_config(tiny_overrides(digits_dir)))
+    with pytest.raises(ConfigError, match=r"round 2 is outside this run's rounds 0\.\.1"):
+        stage_flow.fn(str(run), "cluster", 2)
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "cluster-docker")
+    with pytest.raises(ConfigError, match="deployment stage/cluster-docker runs the cluster stage, not train"):
+        stage_flow.fn(str(run), "train", 0)
+    assert not RunStore(run).done_units("train", 0)

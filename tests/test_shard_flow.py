@@ -55,3 +55,16 @@ def test_shard_flow_on_dask_matches_the_serial_stage(tmp_path: Path, dask_addres
     assert result.exit_code == 0, result.output
     assert "90 images in 6 shards" in result.output and "empty file" in result.output
     assert "shard-000.tar" in result.output  # the sample of rows
+
+    # data.repack: one Dask task per shard packs it; the stage is done once every shard is packed
+    from deepercluster.data.images import read_bytes
+    from deepercluster.data.repack import packed_rel, packed_uris
+
+    packed = RunStore(tmp_path / "packed")
+    init_run(packed, build_config({**overrides, "data": {**overrides["data"], "repack": True}}))
+    info = shard_flow(packed.uri, dask_address=dask_address)
+    assert info["packed"] == 90 and packed.stage_done("shard", None)
+    assert all(packed.exists(packed_rel(s)) for s in range(6))
+    manifest = load_manifest(packed)
+    uris = [u for s in range(6) for u in packed_uris(packed, s)]
+    assert [read_bytes(u) for u in uris] == [read_bytes(u) for u in manifest["uri"]]

@@ -25,8 +25,9 @@ N_PARTS = N_IMAGES // PART_SIZE
 
 
 def _records(store: RunStore) -> dict[str, dict]:
-    # a record being written when the process died is left under a temporary name: not a record
-    units = [u for u in store.done_units("shard", None) if not u.startswith(".tmp-")]
+    # a record being written when the process died is left under a temporary name: not a record; the manifest's
+    # own record is not a listing part
+    units = [u for u in store.done_units("shard", None) if u.startswith("part-")]
     return {u: store.done_record("shard", None, u) for u in units}
 
 

@@ -250,3 +250,33 @@ def test_webdataset_tars_are_read_in_place(tmp_path: Path):
     store2 = RunStore(tmp_path / "run2")
     run_shard_stage(store2, build_config(_cfg(shards)).data)
     assert load_manifest(store2)["uri"].tolist() == manifest["uri"].tolist()
+
+
+def test_yfcc_id_lists_are_sorted_memory_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import pandas as pd
+
+    from deepercluster.data import yfcc
+
+    monkeypatch.setattr(yfcc, "CHUNK_IDS", 4)  # several blocks per list
+    unsorted = np.array([9, 3, 70000000001, 3, 12, 5, 1, 44, 2, 8], dtype=np.int64)
+    expected = np.sort(unsorted)
+    np.save(tmp_path / "sorted.npy", expected)
+    np.save(tmp_path / "unsorted.npy", unsorted.astype(np.uint64))
+    (tmp_path / "ids.txt").write_text("9 3\n70000000001\n3\t12\n5\n1\n44\n2\n8")
+    pd.DataFrame({"photo_id": unsorted}).to_parquet(tmp_path / "ids.parquet")
+    with fsspec.open("memory://lists/ids.npy", "wb") as f:
+        np.save(f, unsorted)
+    for uri in ["sorted.npy", "unsorted.npy", "ids.txt", "ids.parquet", "memory://lists/ids.npy"]:
+        scratch = tmp_path / f"scratch-{Path(uri).name}"
+        scratch.mkdir()
+        ids = yfcc.load_id_list(uri if "://" in uri else str(tmp_path / uri), str(scratch))
+        assert isinstance(ids, np.memmap), uri  # mapped from disk, never whole in memory
+        np.testing.assert_array_equal(ids, expected)
+        assert yfcc._in(ids, 70000000001) and yfcc._in(ids, 3) and not yfcc._in(ids, 4) and not yfcc._in(ids, 10**12)
+    in_place = yfcc.load_id_list(str(tmp_path / "sorted.npy"), "/nowhere")  # a sorted local .npy: no copy
+    assert Path(in_place.filename) == tmp_path / "sorted.npy"
+    (tmp_path / "bad.txt").write_text("12 twelve")
+    with pytest.raises(ConfigError, match="not a list of integer ids"):
+        yfcc.load_id_list(str(tmp_path / "bad.txt"), str(tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        yfcc.load_id_list(str(tmp_path / "nope.npy"), str(tmp_path))

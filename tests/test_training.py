@@ -96,6 +96,20 @@ def test_sampler_start_resumes_the_same_sequence() -> None:
         s.set_epoch(3, start=len(full) + 1)
 
 
+def test_sampler_epoch_images_fixes_the_epoch_size_and_stays_uniform() -> None:
+    world, batch, size = 2, 8, 2000  # more samples than images: every cluster drawn with replacement
+    streams = []
+    for rank in range(world):
+        s = UniformClusterSampler(TARGETS, batch, world, rank, seed=2, epoch_images=size)
+        s.set_epoch(0)
+        streams.append(list(s))
+    assert all(len(st) == samples_per_rank(size, world, batch) == 1000 for st in streams)
+    counts = np.bincount([int(TARGETS[row]) for st in streams for row, _ in st], minlength=11)[list(SIZES)]
+    assert chisquare(counts).pvalue > 0.01, counts
+    small = UniformClusterSampler(TARGETS, batch, world, 0, seed=2, epoch_images=100)
+    assert len(small) == samples_per_rank(100, world, batch) == 48
+
+
 # ---- loss ---------------------------------------------------------------------------------------------------------
 def manual_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(logits.log_softmax(dim=1)[torch.arange(len(target)), target]).mean()

@@ -11,6 +11,11 @@ distance ``sum_k (x_k - c_jk)^2`` of the float32 inputs, whatever computed the c
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import cache, partial
 
 import numpy as np
 
@@ -18,8 +23,10 @@ from deepercluster.errors import ConfigError
 
 U32 = 2.0**-24  # unit roundoff of float32
 CANDIDATE_SLACK = 1e-9  # float64 distances this close to the minimum (x (|x| + |c|)^2) are re-checked row by row
+EXACT_ROWS = 2048  # rows per chunk of the exact distances (a float64 temporary of 2 MiB at d = 128)
 DECIDE_BYTES = 32 << 20  # float64 distance block of the near-tie re-check
-SCORE_BLOCK_BYTES = 16 << 20  # float32 score block (rows x k) of the search: few, large BLAS calls
+SCORE_BLOCK_BYTES = 2 << 20  # float32 score block (rows x k) of one search thread: stays in its core's L2 cache
+MIN_SEARCH_ROWS, MAX_SEARCH_ROWS = 64, 8192  # rows per score block: fewer make the BLAS products inefficient
 
 
 def float32_error_bound(x_norms: np.ndarray, c_norm_max: float, dim: int) -> np.ndarray:
@@ -33,11 +40,19 @@ def float32_error_bound(x_norms: np.ndarray, c_norm_max: float, dim: int) -> np.
 def exact_sq_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
                        dtype: type = np.float64) -> np.ndarray:
     """``sum_k (x_ik - c_{label_i},k)^2`` in ``dtype``, summed in a fixed pairwise order (elementwise halving), so a
-    row gets the same bits whatever its batch, its position or the memory alignment."""
-    diff = x.astype(dtype)
-    diff -= centroids[labels]
-    diff *= diff
-    return tree_sum_rows(diff)
+    row gets the same bits whatever its batch, its position or the memory alignment. Computed in chunks of rows
+    whose temporaries stay in cache."""
+    out = np.empty(len(x), dtype=dtype)
+    width = 1 << max(0, int(x.shape[1] - 1).bit_length())
+    buf = np.zeros((min(EXACT_ROWS, len(x)), width), dtype=dtype)  # the padding columns stay zero
+    for lo in range(0, len(x), EXACT_ROWS):
+        diff = buf[: min(EXACT_ROWS, len(x) - lo)]
+        d = diff[:, : x.shape[1]]
+        d[...] = x[lo : lo + len(diff)]
+        d -= centroids[labels[lo : lo + len(diff)]]
+        d *= d
+        out[lo : lo + len(diff)] = tree_sum_rows(diff)
+    return out
 
 
 def tree_sum_rows(a: np.ndarray) -> np.ndarray:
@@ -70,68 +85,161 @@ def resolve_backend(device: str = "auto") -> str:
     return "cpu"
 
 
-class NearestCentroid:
-    """The centroids, ready to assign batches of rows to them (build one per Lloyd iteration)."""
+def search_threads() -> int:
+    """Threads of the CPU search: as many as numpy's BLAS uses (at most the cores this process may run on)."""
+    counts = [lib.num_threads for lib in _blas().lib_controllers] if _blas() is not None else []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(max(counts, default=1), cores))
 
-    def __init__(self, centroids: np.ndarray, backend: str = "cpu"):
+
+@cache
+def _blas():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="kmeans-search")
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit = None
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS limited to one thread (process-wide) while at least one search runs: nested and concurrent searches
+    share one limit, restored by the last to leave."""
+    global _blas_users, _blas_limit
+    with _blas_lock:
+        if _blas_users == 0 and _blas() is not None:
+            _blas_limit = _blas().limit(limits=1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limit is not None:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
+
+
+class NearestCentroid:
+    """The centroids, ready to assign batches of rows to them (build one per Lloyd iteration).
+
+    On CPU a batch is cut into score blocks sized for a core's L2 cache, shared out among ``threads`` threads (default:
+    numpy's BLAS threads) that each run single-threaded BLAS products and the top-2 scan of their blocks: the scans run
+    in parallel too, and small products do not pay for BLAS's thread synchronisation."""
+
+    def __init__(self, centroids: np.ndarray, backend: str = "cpu", threads: int | None = None):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.k, self.dim = self.centroids.shape
         self.backend = backend
+        self.threads = max(1, threads or search_threads())
         self.rechecked = 0  # rows re-decided in float64 so far
+        self._lock = threading.Lock()
+        self._c64: tuple[np.ndarray, np.ndarray] | None = None
         self.c_norm_max = float(np.sqrt((self.centroids.astype(np.float64) ** 2).sum(1)).max())
         if backend == "cuda":
             self._torch = _torch_centroids(self.centroids)
         else:  # scores x.c - |c|^2/2: one float32 product, then the row of -|c|^2/2 added
             self._ct = np.ascontiguousarray(self.centroids.T)
             self._neg_half_sq = (-(self.centroids.astype(np.float64) ** 2).sum(1) / 2).astype(np.float32)
-            self._rows = max(64, SCORE_BLOCK_BYTES // (4 * self.k))
+            self._rows = int(np.clip(SCORE_BLOCK_BYTES // (4 * self.k), MIN_SEARCH_ROWS, MAX_SEARCH_ROWS))
 
-    def _top2(self, x: np.ndarray, x_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distances (float32) and indices of the two nearest centroids (one when k = 1)."""
-        kk = min(2, self.k)
+    def assign(self, x: np.ndarray, x_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(labels int64, approximate float32 squared distances) of the rows of ``x`` (float32, C-contiguous);
+        ``x_sq``: their float32 squared norms, when the caller keeps them (computed here otherwise)."""
+        n = len(x)
+        if x_sq is None:
+            x_sq = np.einsum("ij,ij->i", x, x)
+        labels, dist = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+        if n == 0:
+            return labels, dist
         if self.backend == "cuda":
-            return _torch_top2(x, *self._torch, kk)
-        dist, idx = np.empty((len(x), kk), dtype=np.float32), np.empty((len(x), kk), dtype=np.int64)
-        scores = np.empty((min(self._rows, len(x)), self.k), dtype=np.float32)
-        for lo in range(0, len(x), self._rows):
-            xb = x[lo : lo + self._rows]
-            s = scores[: len(xb)]
-            np.matmul(xb, self._ct, out=s)  # BLAS sgemm, all cores
-            s += self._neg_half_sq
-            rows = np.arange(len(xb))
-            for j in range(kk):
-                best = s.argmax(1)
-                idx[lo : lo + len(xb), j] = best
-                dist[lo : lo + len(xb), j] = x_sq[lo : lo + len(xb)] - 2 * s[rows, best]
-                if j + 1 < kk:
-                    s[rows, best] = -np.inf
-        return dist, idx
+            self.rechecked += self._search_cuda(x, x_sq, labels, dist)
+            return labels, dist
+        threads = min(self.threads, -(-n // MIN_SEARCH_ROWS))
+        count = -(-n // (self._rows * threads)) * threads  # equal spans, as many for every thread
+        bounds = [n * i // count for i in range(count + 1)]
+        spans = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+        per = -(-len(spans) // threads)
+        groups = [spans[i : i + per] for i in range(0, len(spans), per)]
+        with single_threaded_blas():
+            if len(groups) == 1:
+                self.rechecked += self._search_spans(x, x_sq, spans, labels, dist)
+            else:
+                search = partial(self._search_spans, x, x_sq, labels=labels, dist=dist)
+                self.rechecked += sum(_pool(len(groups)).map(search, groups))
+        return labels, dist
 
-    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels int64, approximate float32 squared distances) of the rows of ``x`` (float32, C-contiguous)."""
-        x_sq = np.einsum("ij,ij->i", x, x)
-        dist, idx = self._top2(x, x_sq)
-        labels = idx[:, 0].astype(np.int64)
-        if self.k > 1:
-            norms = np.sqrt(x_sq.astype(np.float64) * (1 + (self.dim + 2) * U32))  # bounds |x| above
-            margin = 4 * float32_error_bound(norms, self.c_norm_max, self.dim)
-            close = np.flatnonzero((dist[:, 1].astype(np.float64) - dist[:, 0]) <= margin)
-            if len(close):
-                labels[close] = self._decide(x[close])
-                self.rechecked += len(close)
-        return labels, np.maximum(dist[:, 0], 0)
+    def _search_spans(self, x: np.ndarray, x_sq: np.ndarray, spans: list[tuple[int, int]], labels: np.ndarray,
+                      dist: np.ndarray) -> int:
+        """Nearest centroid and its float32 distance of the rows ``[lo, hi)`` of each span, into ``labels`` and
+        ``dist``; rows whose second nearest centroid is within the float32 error margin are re-decided in float64
+        (all at once, after the spans). Returns the number of rows re-decided."""
+        scores = np.empty((max(hi - lo for lo, hi in spans), self.k), dtype=np.float32)
+        near = []
+        for lo, hi in spans:
+            s = scores[: hi - lo]
+            np.matmul(x[lo:hi], self._ct, out=s)
+            s += self._neg_half_sq
+            best = s.argmax(1)
+            rows = np.arange(hi - lo)
+            top = s[rows, best]
+            labels[lo:hi] = best
+            np.maximum(x_sq[lo:hi] - 2 * top, 0, out=dist[lo:hi])
+            if self.k > 1:
+                s[rows, best] = -np.inf
+                gap = top - s[rows, s.argmax(1)]  # (second - nearest distance) / 2, rounded once
+                near.append(lo + self._near_ties(x_sq[lo:hi], 2 * gap))
+        return self._redecide(x, np.concatenate(near), labels) if near else 0
+
+    def _search_cuda(self, x: np.ndarray, x_sq: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> int:
+        d, idx = _torch_top2(x, *self._torch, min(2, self.k))
+        labels[:], dist[:] = idx[:, 0], np.maximum(d[:, 0], 0)
+        return self._redecide(x, self._near_ties(x_sq, d[:, 1] - d[:, 0]), labels) if self.k > 1 else 0
+
+    def _near_ties(self, x_sq: np.ndarray, gap: np.ndarray) -> np.ndarray:
+        """Rows whose two float32 distances differ by less than four times the rigorous float32 error bound (taken
+        at the largest norm of the batch). ``gap``, (second - nearest) computed in float32, is within a relative
+        2^-23 of the difference of the two computed distances."""
+        norm = np.sqrt(float(x_sq.max()) * (1 + (self.dim + 2) * U32))  # bounds every |x| above
+        margin = 4 * float(float32_error_bound(np.float64(norm), self.c_norm_max, self.dim)) * (1 + 4 * U32)
+        return np.flatnonzero(gap <= margin)
+
+    def _redecide(self, x: np.ndarray, near: np.ndarray, labels: np.ndarray) -> int:
+        """Re-decide the rows ``near`` in float64, into ``labels``; returns how many."""
+        if len(near):
+            labels[near] = self._decide(x[near])
+        return len(near)
 
     def _decide(self, x: np.ndarray) -> np.ndarray:
         """float64 decision for near-tie rows: candidates from a float64 product (error ~1e-13, far below the
         float32 margin), then the row-by-row distance of the candidates, lowest index among equals."""
         step = max(1, DECIDE_BYTES // (8 * self.k))
-        c64 = self.centroids.astype(np.float64)
-        return np.concatenate([self._decide_rows(x[lo : lo + step], c64) for lo in range(0, len(x), step)])
+        c64, c64_sq = self._float64_centroids()
+        return np.concatenate([self._decide_rows(x[lo : lo + step], c64, c64_sq) for lo in range(0, len(x), step)])
 
-    def _decide_rows(self, x: np.ndarray, c64: np.ndarray) -> np.ndarray:
+    def _float64_centroids(self) -> tuple[np.ndarray, np.ndarray]:
+        """The centroids in float64 and their squared norms, made once (by the first search thread to need them)."""
+        with self._lock:
+            if self._c64 is None:
+                c64 = self.centroids.astype(np.float64)
+                self._c64 = c64, (c64**2).sum(1)
+            return self._c64
+
+    def _decide_rows(self, x: np.ndarray, c64: np.ndarray, c64_sq: np.ndarray) -> np.ndarray:
         x64 = x.astype(np.float64)
-        d64 = (x64**2).sum(1)[:, None] + (c64**2).sum(1)[None, :] - 2 * x64 @ c64.T
-        scale = (np.sqrt((x64**2).sum(1, keepdims=True)) + self.c_norm_max) ** 2
+        x64_sq = (x64**2).sum(1, keepdims=True)
+        d64 = x64_sq + c64_sq[None, :] - 2 * x64 @ c64.T
+        scale = (np.sqrt(x64_sq) + self.c_norm_max) ** 2
         rows, cols = np.nonzero(d64 <= d64.min(1, keepdims=True) + CANDIDATE_SLACK * scale)
         exact = exact_sq_distances(x[rows], self.centroids, cols)
         order = np.lexsort((cols, exact, rows))  # by row, then distance, then centroid index

@@ -28,6 +28,7 @@ EPS = 1e-7
 GRID_BITS = 23  # grid step = 2^(e - GRID_BITS): every grid value is exact in float32
 MAX_ROWS = 1 << 30  # float64 sums of grid values stay exact up to this many rows
 BLOCK_ROWS = 1 << 16  # rows assigned per call for in-memory data
+MOVE_ROWS = 1 << 13  # changed rows added to the cluster sums per sparse product (float64 copy: 8 MiB at d = 128)
 
 
 @dataclass
@@ -68,6 +69,14 @@ class ArrayVectors:
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.n, self.dim = self.x.shape
         self.block_rows = block_rows
+        self._sq_norms: np.ndarray | None = None
+
+    @property
+    def sq_norms(self) -> np.ndarray:
+        """float32 squared norms of the rows, computed once per k-means rather than at every pass."""
+        if self._sq_norms is None:
+            self._sq_norms = np.einsum("ij,ij->i", self.x, self.x)
+        return self._sq_norms
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         for lo in range(0, self.n, self.block_rows):
@@ -130,14 +139,28 @@ class Membership:
             return
         k = len(self.counts)
         o, nw = old[changed], new[changed]
-        had = np.flatnonzero(o >= 0)
-        rows = np.concatenate([nw, o[had]])
-        cols = np.concatenate([np.arange(len(changed)), had])
-        signs = np.concatenate([np.ones(len(changed)), -np.ones(len(had))])
-        delta = sparse.csr_matrix((signs, (rows, cols)), shape=(k, len(changed))) @ x[changed]
-        self.sums += delta
+        had = o >= 0
         self.counts += np.bincount(nw, minlength=k) - np.bincount(o[had], minlength=k)
+        # one sparse (k x rows) product per chunk: each changed row +1 in its new cluster, -1 in its old one. Rows
+        # are converted to float64 a chunk at a time (one big conversion costs more in page faults than the sums)
+        buf = np.empty((min(MOVE_ROWS, len(changed)), x.shape[1]))
+        for a in range(0, len(changed), MOVE_ROWS):
+            rows = changed[a : a + MOVE_ROWS]
+            xb = buf[: len(rows)]
+            xb[...] = x[rows]
+            self.sums += _signed_onehot(k, nw[a : a + MOVE_ROWS], o[a : a + MOVE_ROWS]) @ xb
         old[changed] = nw
+
+
+def _signed_onehot(k: int, new: np.ndarray, old: np.ndarray) -> sparse.csc_matrix:
+    """(k x rows) with +1 at (new[j], j) and -1 at (old[j], j) where old[j] >= 0 (old[j] != new[j])."""
+    had = old >= 0
+    indptr = np.concatenate([[0], np.cumsum(1 + had)])
+    indices, data = np.empty(indptr[-1], dtype=np.int64), np.empty(indptr[-1])
+    first = indptr[:-1]
+    indices[first], data[first] = new, 1.0
+    indices[first[had] + 1], data[first[had] + 1] = old[had], -1.0
+    return sparse.csc_matrix((data, indices, indptr), shape=(k, len(new)))
 
 
 def repair_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -170,8 +193,9 @@ def _assign_pass(source: VectorSource, centroids: np.ndarray, backend: str, memb
     if membership is None:
         labels_all = np.empty(source.n, dtype=np.int64)
         distance = np.empty(source.n, dtype=np.float32)
+    sq_norms = getattr(source, "sq_norms", None)  # kept by in-memory sources; a streamed block computes its own
     for lo, xb in source.blocks():
-        labels, dist = nc.assign(xb)
+        labels, dist = nc.assign(xb, None if sq_norms is None else sq_norms[lo : lo + len(xb)])
         approx += float(dist.sum(dtype=np.float64))
         if membership is None:
             labels_all[lo : lo + len(xb)] = labels

@@ -6,7 +6,7 @@ shard), ``super.parquet`` + ``super_centroids.npy`` (level 1), ``sub-<s>.parquet
 (level 2, per super-cluster), ``assignments.parquet`` (image_id, super, sub, target, distance), ``stats.json`` and
 ``sizes.png`` (cluster-size histogram). With m = 1 it is plain DeepCluster k-means.
 
-No step needs every feature in memory: a k-means unit whose vectors exceed ``cluster.memory_budget_mb`` streams
+No step needs every feature in memory: a k-means unit whose vectors exceed ``runtime.memory_budget_mb`` streams
 its shards at every Lloyd iteration (the "sharded" k-means), and gives the same assignments as in memory.
 """
 
@@ -49,7 +49,7 @@ __all__ = [
 
 LEVEL1_UNIT = "level1"
 HISTOGRAM = "sizes.png"
-BYTES_PER_MEMBER = 16  # labels (int64) + distance (float64) kept for every row of a k-means unit
+BYTES_PER_MEMBER = 20  # labels (int64) + distance (float64) + squared norm (float32) kept for every row of a unit
 
 
 def assignments_rel(r: int) -> str:
@@ -78,7 +78,7 @@ def _save_npy(store: RunStore, rel: str, a: np.ndarray) -> None:
 
 def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
     """Whether ``n`` whitened vectors of width ``dim`` (plus their labels and distances) fit the memory budget."""
-    return n * (4 * dim + BYTES_PER_MEMBER) <= cfg.cluster.memory_budget_mb * 2**20
+    return n * (4 * dim + BYTES_PER_MEMBER) <= cfg.runtime.memory_budget_mb * 2**20
 
 
 def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray | None, k: int,
@@ -87,7 +87,7 @@ def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray |
     streamed shard by shard at every iteration. Returns the result and whether it streamed."""
     array = open_whitened(store, r)
     n = int(array.shape[0])
-    source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.cluster.stream_threads)
+    source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.runtime.stream_threads)
     streamed = not fits_in_memory(cfg, source.n, source.dim)
     data = source if streamed else ArrayVectors(source.gather())
     backend = resolve_backend(cfg.runtime.device)

@@ -78,7 +78,7 @@ def ensure_pca(store: RunStore, cfg: PipelineConfig, r: int) -> PCAWhitening:
         return checked(block, store, r, s, lo)
 
     moments = Moments(dim)
-    with ThreadPoolExecutor(cfg.cluster.stream_threads) as pool:
+    with ThreadPoolExecutor(cfg.runtime.stream_threads) as pool:
         for block in pool.map(read, range(len(ranges))):  # in shard order: the float64 sums are reproducible
             moments.add(block)
     pca = pca_from_moments(moments, cfg.cluster.pca_dim, whiten=cfg.cluster.whiten)
@@ -126,7 +126,7 @@ def whiten_round(store: RunStore, cfg: PipelineConfig, r: int, pca: PCAWhitening
         out[lo:hi] = whiten(pca, checked(features[lo:hi], store, r, s, lo))
         store.mark_done(STAGE, r, whiten_unit(s), {"rows": [lo, hi]})
 
-    with ThreadPoolExecutor(cfg.cluster.stream_threads) as pool:
+    with ThreadPoolExecutor(cfg.runtime.stream_threads) as pool:
         list(pool.map(one, range(len(ranges))))
     store.write_json(clusters_rel(r, "whitened.json"), {"rows": n, "dim": pca.dim, "shards": len(ranges)})
     return out

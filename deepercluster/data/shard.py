@@ -8,6 +8,8 @@ Three steps, each resumable, none holding the whole listing in memory:
 3. ``finalize_manifest`` drops exact duplicates (same content hash, first in listing order kept) by an external
    hash-bucketed pass, numbers the kept images and streams them into the manifest in row groups of whole shards,
    so that image shard ``s`` (rows with ``shard == s``) is exactly zarr shard ``s``.
+4. With ``data.repack``, ``repack_shard`` copies each image shard's files into one webdataset tar
+   (:mod:`deepercluster.data.repack`); ``finalize_shard_stage`` then marks the stage done.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ import pyarrow.parquet as pq
 from deepercluster.config import DataConfig
 from deepercluster.data.images import probe
 from deepercluster.data.parquet_stream import ParquetStream, read_table, write_table
+from deepercluster.data.repack import PACKED, finalize_repack, repack_shard
 from deepercluster.data.sources import extra_columns, iter_source, source_kind
 from deepercluster.errors import ConfigError
 from deepercluster.store import RunStore
 
 STAGE = "shard"
-PART_SIZE = 512  # the default of ``DataConfig.part_size``
+PART_SIZE = 2048  # the default of ``DataConfig.part_size``
 LISTING = "data/listing"
 LISTING_DONE = f"{LISTING}/_complete.json"
 PARTS = "data/parts"
+MANIFEST_UNIT = "manifest"  # the completion record of the manifest (the stage's waits for repacking, if any)
 MANIFEST = "data/manifest.parquet"
 REJECTS = "data/rejects.parquet"
 BUCKET_ROWS = 1 << 18  # hashes held at once by the duplicate search
@@ -149,7 +153,19 @@ def _duplicates(store: RunStore, parts: list[str], n_kept: int) -> tuple[dict[in
 
 
 def finalize_manifest(store: RunStore, cfg: DataConfig) -> dict:
-    """Merge the parts into the manifest and the rejects (both streamed); number kept images and cut shards."""
+    """Merge the parts into the manifest and the rejects (both streamed); number kept images and cut shards.
+    The stage is then done, unless ``cfg.repack``: then it is done once every shard is packed."""
+    info = store.done_record(STAGE, None, MANIFEST_UNIT)
+    if info is None:
+        info = _write_manifest(store, cfg)
+        store.mark_done(STAGE, None, MANIFEST_UNIT, info)
+    info = {k: info[k] for k in ("images", "rejects", "shards", "classes", "reasons")}
+    if not cfg.repack:
+        store.mark_stage_done(STAGE, None, info)
+    return info
+
+
+def _write_manifest(store: RunStore, cfg: DataConfig) -> dict:
     parts = list_source(store, cfg)
     missing = [p for p in parts if not store.is_done(STAGE, None, p)]
     if missing:
@@ -188,7 +204,6 @@ def finalize_manifest(store: RunStore, cfg: DataConfig) -> dict:
             rejects.write(pa.table({"uri": [u for u, _ in bad], "reason": [r for _, r in bad]}, REJECTS_SCHEMA))
     info = {"images": next_id, "rejects": sum(reasons.values()), "shards": -(-next_id // cfg.shard_size),
             "classes": len(classes), "reasons": dict(sorted(reasons.items()))}
-    store.mark_stage_done(STAGE, None, info)
     return info
 
 
@@ -206,12 +221,26 @@ def run_shard_stage(store: RunStore, cfg: DataConfig, force: bool = False,
         scan_part(store, cfg, part)
         if progress:
             progress(i + 1, len(parts))
-    return finalize_manifest(store, cfg)
+    info = finalize_manifest(store, cfg)
+    if cfg.repack:
+        for s in range(info["shards"]):
+            repack_shard(store, cfg, s)
+        info = finalize_shard_stage(store, cfg)
+    return info
+
+
+def finalize_shard_stage(store: RunStore, cfg: DataConfig) -> dict:
+    """After the manifest (and, with ``cfg.repack``, every packed shard): the stage's record."""
+    info = finalize_manifest(store, cfg)
+    if cfg.repack:
+        info = {**info, "packed": finalize_repack(store, info["shards"])}
+        store.mark_stage_done(STAGE, None, info)
+    return info
 
 
 def reset_shard_stage(store: RunStore) -> None:
     store.reset_stage(STAGE, None)
-    for rel in (LISTING, PARTS, MANIFEST, REJECTS, "data/listing.parquet"):
+    for rel in (LISTING, PARTS, MANIFEST, REJECTS, PACKED, "data/listing.parquet"):
         store.remove(rel)
 
 

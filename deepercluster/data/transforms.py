@@ -14,9 +14,10 @@ from torchvision import transforms as T
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 N_ROTATIONS = 4
+PAPER_CROP_RATIO = 224 / 256  # DeepCluster / DeeperCluster clustering view: Resize(256) + CenterCrop(224)
 
 
-def clustering_view(image_size: int, crop_ratio: float = 1.0) -> T.Compose:
+def clustering_view(image_size: int, crop_ratio: float = PAPER_CROP_RATIO) -> T.Compose:
     """Resize the short side to ``size / crop_ratio`` then centre crop ``size`` (the papers' 256 -> 224 view)."""
     return T.Compose(
         [

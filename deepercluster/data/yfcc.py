@@ -16,8 +16,8 @@ Each photo is mapped to its image by ``path_template``, whose fields are ``{id}`
 
 from __future__ import annotations
 
-import io
 import re
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,32 +77,93 @@ def parse_line(line: str) -> tuple[str, dict[str, Any] | None]:
     }
 
 
-def load_id_list(uri: str) -> np.ndarray:
-    """The sorted unique photo ids of an id list (.npy such as DeeperCluster's flickr_unique_ids.npy, .txt or
-    .parquet with one id per row). It is held in memory: 8 bytes per id (770 MB for 95.9M ids)."""
-    try:
+CHUNK_IDS = 1 << 22  # ids parsed, copied or checked at a time (32 MB of int64)
+
+
+def _is_sorted(ids: np.ndarray) -> bool:
+    for lo in range(0, len(ids), CHUNK_IDS):
+        block = np.asarray(ids[max(lo - 1, 0) : lo + CHUNK_IDS])
+        if np.any(block[1:] < block[:-1]):
+            return False
+    return True
+
+
+def _id_chunks(uri: str) -> Iterator[np.ndarray]:
+    """The ids of a .txt (whitespace-separated) or .parquet (first column) list, a bounded block at a time."""
+    if uri.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
         with fsspec.open(uri, "rb") as f:
-            data = f.read()
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=CHUNK_IDS):
+                yield batch.column(0).to_numpy(zero_copy_only=False)
+        return
+    with fsspec.open(uri, "rt", encoding="utf-8") as f:
+        tail = ""
+        while True:
+            text = f.read(8 * CHUNK_IDS)
+            if not text:
+                break
+            text = tail + text
+            cut = max(text.rfind("\n"), text.rfind(" "), text.rfind("\t"))
+            text, tail = (text[: cut + 1], text[cut + 1 :]) if cut >= 0 else ("", text)
+            yield np.array(text.split(), dtype=np.int64)
+        if tail.strip():
+            yield np.array(tail.split(), dtype=np.int64)
+
+
+def load_id_list(uri: str, scratch: str) -> np.ndarray:
+    """The photo ids of an id list (.npy such as DeeperCluster's flickr_unique_ids.npy, .txt or .parquet with one
+    id per row) as a sorted, read-only memory map, never whole in memory (95.9M ids are 770 MB): a local sorted
+    .npy is mapped in place; any other list is copied block by block into ``scratch`` (a local folder), and
+    sorted there in place when it is not sorted already."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.isfile(path):
+            raise FileNotFoundError(uri)
+        suffix = path.rsplit(".", 1)[-1].lower()
+        if suffix == "npy":
+            local = "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+            if not local:
+                fs.get(path, f"{scratch}/ids.npy")
+            ids = np.load(path if local else f"{scratch}/ids.npy", mmap_mode="r", allow_pickle=False)
+            if ids.ndim != 1 or ids.dtype.kind not in "iu":
+                raise ValueError(f"a 1-D array of integer ids was expected, found {ids.dtype} {ids.shape}")
+            if _is_sorted(ids):
+                return ids
+            chunks: Iterator[np.ndarray] = (np.asarray(ids[lo : lo + CHUNK_IDS])
+                                            for lo in range(0, len(ids), CHUNK_IDS))
+        else:
+            chunks = _id_chunks(uri)
+        n = 0
+        with open(f"{scratch}/ids.bin", "wb") as out:
+            for chunk in chunks:
+                out.write(np.ascontiguousarray(chunk, dtype=np.int64).tobytes())
+                n += len(chunk)
     except FileNotFoundError:
         raise ConfigError(f"id list {uri!r} does not exist") from None
-    suffix = uri.rsplit(".", 1)[-1].lower()
-    try:
-        if suffix == "npy":
-            ids = np.load(io.BytesIO(data), allow_pickle=False)
-        elif suffix == "parquet":
-            import pyarrow.parquet as pq
-
-            ids = pq.read_table(io.BytesIO(data)).column(0).to_numpy()
-        else:
-            ids = np.array(data.split(), dtype=np.int64)
     except ValueError as err:
         raise ConfigError(f"id list {uri!r} is not a list of integer ids: {err}") from None
-    return np.unique(np.asarray(ids, dtype=np.int64).ravel())
+    if n == 0:
+        raise ConfigError(f"id list {uri!r} holds no id")
+    ids = np.memmap(f"{scratch}/ids.bin", dtype=np.int64, mode="r+", shape=(n,))
+    if not _is_sorted(ids):
+        ids.sort(kind="stable")  # in place, in the mapped file: pages the kernel can write back and drop
+        ids.flush()
+    return np.memmap(f"{scratch}/ids.bin", dtype=np.int64, mode="r", shape=(n,))
+
+
+def _in(ids: np.ndarray, photo_id: int) -> bool:
+    i = int(np.searchsorted(ids, photo_id))
+    return i < len(ids) and int(ids[i]) == photo_id
 
 
 def iter_yfcc(source: str, template: str, id_list: str | None) -> Iterator[dict[str, Any]]:
     """Listing rows of the photos of a YFCC100M metadata file (plain, .gz or .bz2), in file order."""
-    ids = load_id_list(id_list) if id_list else None
+    with tempfile.TemporaryDirectory(prefix="deepercluster-ids-") as scratch:
+        yield from _photos(source, template, load_id_list(id_list, scratch) if id_list else None)
+
+
+def _photos(source: str, template: str, ids: np.ndarray | None) -> Iterator[dict[str, Any]]:
     with fsspec.open(source, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -113,10 +174,8 @@ def iter_yfcc(source: str, template: str, id_list: str | None) -> Iterator[dict[
             if fields is None:
                 yield {"uri": f"{source}:{n}", "label": None, "reject": "malformed metadata line"}
                 continue
-            if ids is not None:
-                i = np.searchsorted(ids, fields["id"])
-                if i == len(ids) or ids[i] != fields["id"]:
-                    continue
+            if ids is not None and not _in(ids, fields["id"]):
+                continue
             yield {"uri": render(template, fields), "label": None, "reject": None, "photo_id": fields["id"],
                    "user_tags": fields["user_tags"], "longitude": fields["longitude"],
                    "latitude": fields["latitude"], "geo_accuracy": fields["geo_accuracy"]}

@@ -18,9 +18,11 @@ from deepercluster.features.stage import (
     STAGE,
     extract_rows,
     extract_shard,
+    extract_shards,
     finalize_extract,
     prepare_extract,
     run_extract_stage,
+    shard_groups,
     shard_rows,
     unit_name,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "ensure_round_model",
     "extract_rows",
     "extract_shard",
+    "extract_shards",
     "feature_dim",
     "features_group_rel",
     "features_rel",
@@ -42,6 +45,7 @@ __all__ = [
     "open_features",
     "prepare_extract",
     "run_extract_stage",
+    "shard_groups",
     "shard_rows",
     "unit_name",
 ]

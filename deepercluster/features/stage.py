@@ -1,23 +1,27 @@
 """The extract stage: features of every image with the round's model -> ``rounds/<r>/features.zarr``.
 
-Unit of work: one image shard (shard ``s`` = manifest rows with ``shard == s``, contiguous image ids). A worker
-decodes the shard's images in threads while it runs the forward pass batch by batch, then writes the shard's rows
-in one assignment (one zarr shard) and only then its completion record: a killed worker or flow loses only the
-shards in flight, and a rerun skips shards that have a record.
+Unit of work: one image shard (shard ``s`` = manifest rows with ``shard == s``, contiguous image ids). A task
+streams a few consecutive shards (``extract.shards_per_task``) through the batched forward pass (decoding as
+:class:`~deepercluster.features.loader.BatchLoader` schedules it), and a writer thread writes each shard's rows in
+one assignment (one zarr shard) and only then its completion record, while the next shard is computed: a killed
+worker or flow loses only the shards in flight, and a rerun skips shards that have a record.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import torch
 
 from deepercluster.config import PipelineConfig
+from deepercluster.data.repack import packed_uris
 from deepercluster.data.shard import MANIFEST, load_manifest, shard_ids
 from deepercluster.device import resolve_device
-from deepercluster.errors import StoreError
+from deepercluster.errors import DataError, StoreError
 from deepercluster.features.array import create_features, features_group_rel, open_features, seal_features
 from deepercluster.features.loader import BatchLoader, HostView
 from deepercluster.features.model import FeatureModel, ensure_round_model, feature_dim, load_round_model, model_rel
@@ -45,7 +49,8 @@ def prepare_extract(store: RunStore, cfg: PipelineConfig, r: int, force: bool = 
 
 
 def shard_rows(store: RunStore, shard: int) -> tuple[int, int, list[str]]:
-    """First row, end row and image URIs of one shard (reads only the manifest row groups that hold it)."""
+    """First row, end row and image URIs of one shard (reads only the manifest row groups that hold it); the URIs
+    are members of the shard's packed tar when there is one."""
     rows = pd.read_parquet(store.url(MANIFEST), columns=["image_id", "uri"], filters=[("shard", "==", shard)],
                            storage_options=store.storage_options or None)
     if rows.empty:
@@ -55,26 +60,22 @@ def shard_rows(store: RunStore, shard: int) -> tuple[int, int, list[str]]:
     if hi - lo != len(ids) or not np.all(np.diff(ids) == 1):
         raise StoreError(f"shard {shard} of {store.url(MANIFEST)} is not a contiguous run of image ids: "
                          "rerun the shard stage with --force")
-    return lo, hi, rows["uri"].tolist()
+    packed = packed_uris(store, shard)  # the shard's webdataset tar, when the shard stage repacked it
+    if packed is not None and len(packed) != len(ids):
+        raise StoreError(f"the packed tar of shard {shard} holds {len(packed)} images, the manifest {len(ids)}: "
+                         "rerun the shard stage with --force")
+    return lo, hi, packed if packed is not None else rows["uri"].tolist()
 
 
-def extract_rows(model: FeatureModel, uris: list[str], cfg: PipelineConfig) -> np.ndarray:
-    """Features (float16, manifest order) of ``uris``: decoding in threads overlaps the batched forward pass; on
-    CUDA the copy of batch k back to the host overlaps the forward pass of batch k + 1."""
-    view = HostView(cfg.data.image_size, cfg.data.crop_ratio)
-    loader = BatchLoader(uris, view, cfg.extract.batch_size, cfg.extract.decode_threads, cfg.extract.prefetch_batches,
-                         on_device_normalise=model.cuda)
-    out: np.ndarray | None = None
+def _loader(uris: list[str], model: FeatureModel, cfg: PipelineConfig) -> BatchLoader:
+    return BatchLoader(uris, HostView(cfg.data.image_size, cfg.data.crop_ratio), cfg.extract.batch_size,
+                       cfg.extract.decode_threads, cfg.extract.prefetch_batches, on_device_normalise=model.cuda)
+
+
+def _features(model: FeatureModel, loader: BatchLoader) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, float16 features on the host)`` per batch; on CUDA the copy of batch k back to the host
+    overlaps the forward pass of batch k + 1."""
     pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
-
-    def land(lo: int, f: torch.Tensor, copied: torch.cuda.Event | None) -> None:
-        nonlocal out
-        if copied is not None:
-            copied.synchronize()  # the asynchronous copy of this batch to the host is complete
-        if out is None:
-            out = np.empty((len(uris), f.shape[1]), dtype=np.float16)
-        out[lo : lo + len(f)] = f.numpy()
-
     for lo, batch in loader:
         f = model(batch)
         copied = None
@@ -83,27 +84,99 @@ def extract_rows(model: FeatureModel, uris: list[str], cfg: PipelineConfig) -> n
             copied = torch.cuda.Event()
             copied.record()
         if pending is not None:
-            land(*pending)
+            yield _landed(*pending)
         pending = (lo, f, copied)
     if pending is not None:
-        land(*pending)
+        yield _landed(*pending)
+
+
+def _landed(lo: int, f: torch.Tensor, copied: torch.cuda.Event | None) -> tuple[int, torch.Tensor]:
+    if copied is not None:
+        copied.synchronize()  # the asynchronous copy of this batch to the host is complete
+    return lo, f
+
+
+def extract_rows(model: FeatureModel, uris: list[str], cfg: PipelineConfig) -> np.ndarray:
+    """Features (float16, manifest order) of ``uris``, batch by batch (see :class:`BatchLoader` for how decoding
+    and the forward pass share the machine)."""
+    out: np.ndarray | None = None
+    for lo, f in _features(model, _loader(uris, model, cfg)):
+        if out is None:
+            out = np.empty((len(uris), f.shape[1]), dtype=np.float16)
+        out[lo : lo + len(f)] = f.numpy()
     assert out is not None
     return out
 
 
-def extract_shard(store: RunStore, cfg: PipelineConfig, r: int, shard: int) -> int:
-    """Features of one image shard, written as one zarr shard; returns the number of rows written (0 if done)."""
-    unit = unit_name(shard)
-    if store.is_done(STAGE, r, unit):
+def extract_shards(store: RunStore, cfg: PipelineConfig, r: int, shards: Sequence[int]) -> int:
+    """Features of several image shards in one stream, each written as one zarr shard then recorded; returns the
+    rows written (shards already recorded are skipped). The decoding of a shard's first batches overlaps the
+    forward pass of the previous shard's last ones (no pipeline drain between shards), and a writer thread
+    writes shard k (zarr shard, then its completion record) while shard k + 1 is computed."""
+    todo = [s for s in shards if not store.is_done(STAGE, r, unit_name(s))]
+    if not todo:
         return 0
     start = time.perf_counter()
-    lo, hi, uris = shard_rows(store, shard)
-    device = resolve_device(cfg.runtime.device)
-    feats = extract_rows(load_round_model(store, cfg, r, device), uris, cfg)
-    open_features(store, r, mode="r+")[lo:hi] = feats  # the whole zarr shard in one assignment
-    store.mark_done(STAGE, r, unit, {"rows": [lo, hi], "device": str(device),
-                                    "seconds": round(time.perf_counter() - start, 3)})
-    return hi - lo
+    spans = [shard_rows(store, s) for s in todo]
+    model = load_round_model(store, cfg, r, resolve_device(cfg.runtime.device))
+    try:
+        _stream(store, cfg, r, model, spans, todo, start)
+    except DataError:  # an unreadable image: the other shards of the group are still extracted, then it fails
+        if len(todo) == 1:
+            raise
+        errors = []
+        for s in todo:
+            try:
+                extract_shards(store, cfg, r, [s])
+            except DataError as err:
+                errors.append(err)
+        raise errors[0] from None
+    return int(sum(hi - lo for lo, hi, _ in spans))
+
+
+def _stream(store: RunStore, cfg: PipelineConfig, r: int, model: FeatureModel, spans: list[tuple[int, int, list[str]]],
+            shards: list[int], start: float) -> None:
+    array = open_features(store, r, mode="r+")
+    uris = [u for _, _, us in spans for u in us]
+    ends = np.cumsum([hi - lo for lo, hi, _ in spans])  # end row of each shard in the stream
+    buffers: list[np.ndarray | None] = [None] * len(shards)
+    filled = [0] * len(shards)
+    writes: list[Future[None]] = []
+
+    def write(k: int) -> None:
+        lo, hi, _ = spans[k]
+        array[lo:hi] = buffers[k]  # the whole zarr shard in one assignment
+        store.mark_done(STAGE, r, unit_name(shards[k]), {"rows": [lo, hi], "device": str(model.device),
+                                                         "seconds": round(time.perf_counter() - start, 3)})
+        buffers[k] = None
+
+    with ThreadPoolExecutor(1, thread_name_prefix="zarr-write") as writer:
+        for row, f in _features(model, _loader(uris, model, cfg)):
+            f = f.numpy()
+            while len(f):
+                k = int(np.searchsorted(ends, row, side="right"))
+                first = 0 if k == 0 else int(ends[k - 1])
+                n = min(len(f), int(ends[k]) - row)
+                if buffers[k] is None:
+                    buffers[k] = np.empty((int(ends[k]) - first, f.shape[1]), dtype=np.float16)
+                buffers[k][row - first : row - first + n] = f[:n]
+                filled[k] += n
+                if filled[k] == len(buffers[k]):
+                    writes.append(writer.submit(write, k))
+                row, f = row + n, f[n:]
+        for w in writes:
+            w.result()  # a failed write fails the task (its shard has no record: a rerun redoes it)
+
+
+def extract_shard(store: RunStore, cfg: PipelineConfig, r: int, shard: int) -> int:
+    """Features of one image shard, written as one zarr shard; returns the number of rows written (0 if done)."""
+    return extract_shards(store, cfg, r, [shard])
+
+
+def shard_groups(shards: Sequence[int], per_task: int) -> list[list[int]]:
+    """Consecutive shards in groups of ``per_task``: the unit of one extract task."""
+    shards = list(shards)
+    return [shards[i : i + per_task] for i in range(0, len(shards), max(1, per_task))]
 
 
 def finalize_extract(store: RunStore, r: int) -> dict[str, int]:
@@ -123,6 +196,6 @@ def run_extract_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool 
     """The whole stage in this process (the Prefect flow fans ``extract_shard`` out over Dask instead)."""
     if not force and store.stage_done(STAGE, r):
         return store.done_record(STAGE, r, "_stage")
-    for shard in prepare_extract(store, cfg, r, force=force):
-        extract_shard(store, cfg, r, shard)
+    for group in shard_groups(prepare_extract(store, cfg, r, force=force), cfg.extract.shards_per_task):
+        extract_shards(store, cfg, r, group)
     return finalize_extract(store, r)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepercluster.config import PipelineConfig
+from deepercluster.data.repack import image_uris
 from deepercluster.data.shard import MANIFEST, load_manifest
 from deepercluster.errors import StoreError
 from deepercluster.features import model_rel
@@ -52,4 +53,4 @@ def load_pseudo_labels(store: RunStore, cfg: PipelineConfig, r: int) -> PseudoLa
     sup, sub = a["super"].to_numpy(np.int64, copy=True), a["sub"].to_numpy(np.int64, copy=True)
     if sup.min() < 0 or sup.max() >= m or sub.min() < 0 or sub.max() >= k:
         raise StoreError(f"{where} has ids outside super 0..{m - 1} / sub 0..{k - 1}: rerun the cluster stage")
-    return PseudoLabels(manifest["uri"].tolist(), sup, sub, sup * k + sub)
+    return PseudoLabels(image_uris(store, manifest), sup, sub, sup * k + sub)  # packed tar members, if any

@@ -31,10 +31,17 @@ from deepercluster.training.groups import check_group_data, head_groups, world_s
 from deepercluster.training.inputs import check_inputs, load_pseudo_labels
 from deepercluster.training.sampler import samples_per_rank
 
-__all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "node_command", "run_train_node",
-           "run_train_stage", "train_command", "train_env"]
+__all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "dies_with_parent", "node_command",
+           "run_train_node", "run_train_stage", "train_command", "train_env"]
 TAIL_LINES = 30
 STOP_TIMEOUT_S = 30
+POLL_S = 1.0
+# Linux: the torchrun agent gets SIGTERM when the thread that started it dies (a killed flow process or Dask worker),
+# so no orphaned training keeps writing the run's checkpoints; torchrun then stops its ranks. Set before exec: a
+# parent that died in between is caught by comparing the parent's pid.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+                    "sys.exit(1) if os.getppid() != int(sys.argv[1]) else os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def train_command(run_uri: str, r: int, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
@@ -83,7 +90,7 @@ def check_train_inputs(store: RunStore, cfg: PipelineConfig, r: int) -> int:
                          "the ranks train with the run's config.yaml")
     check_inputs(store, r)
     labels = load_pseudo_labels(store, cfg, r)
-    n, world = len(labels), world_size(cfg)
+    n, world = cfg.train.epoch_images or len(labels), world_size(cfg)
     if samples_per_rank(n, world, cfg.train.batch_size) == 0:
         raise TrainError(f"train round {r}: {n} images make no whole global batch of {world} ranks x "
                          f"{cfg.train.batch_size}: lower train.batch_size or train.nproc")
@@ -130,31 +137,42 @@ def _pump(stream: TextIO, sink: Callable[[str], None], keep: Callable[[str], Non
 
 
 def run_train_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False,
-                    on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    on_line: Callable[[str], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train round ``r`` (resuming from its checkpoint when there is one); skipped when done unless ``force``.
 
     Output lines of the workers go to ``on_line`` (default: this process's stdout/stderr); rank 0 prints one
-    progress line per iteration (:func:`~deepercluster.training.progress.parse_progress` reads it). Returns the
-    stage record: steps, final_loss, images_per_s, ...
+    progress line per iteration (:func:`~deepercluster.training.progress.parse_progress` reads it). ``should_stop``
+    is polled every second: when it says so, torchrun is stopped and a :class:`TrainError` raised (the checkpoints
+    stay, a rerun resumes from them). Returns the stage record: steps, final_loss, images_per_s, ...
     """
     if not force and store.stage_done(STAGE, r):
         return store.done_record(STAGE, r, "_stage")
     check_train_inputs(store, cfg, r)
     if force:
         reset_train(store, r)
-    rc, detail = run_train_node(store, cfg, r, on_line)
+    rc, detail = run_train_node(store, cfg, r, on_line, should_stop)
     if rc != 0 or not store.stage_done(STAGE, r):
         raise TrainError(f"train stage of round {r} failed (torchrun exit {rc}):\n{detail}")
     return store.done_record(STAGE, r, "_stage")
 
 
-def run_train_node(store: RunStore, cfg: PipelineConfig, r: int,
-                   on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
+def dies_with_parent(command: list[str]) -> list[str]:
+    """``command``, started so that it gets SIGTERM when the thread starting it dies (Linux; elsewhere unchanged)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+
+
+def run_train_node(store: RunStore, cfg: PipelineConfig, r: int, on_line: Callable[[str], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> tuple[int, str]:
     """Run this node's torchrun agent to its end; return its exit code and the workers' error lines (or the end
-    of their stderr)."""
+    of their stderr). The agent dies with the thread that started it; ``should_stop`` (polled every second) stops
+    it early with a :class:`TrainError`."""
     output = _Output()
-    proc = subprocess.Popen(node_command(store, cfg, r), env=train_env(cfg), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(dies_with_parent(node_command(store, cfg, r)), env=train_env(cfg),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            bufsize=1)
     out_sink = on_line or (lambda s: print(s, flush=True))
     err_sink = on_line or (lambda s: print(s, file=sys.stderr, flush=True))
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out_sink, None), daemon=True),
@@ -162,7 +180,9 @@ def run_train_node(store: RunStore, cfg: PipelineConfig, r: int,
     for t in pumps:
         t.start()
     try:
-        rc = proc.wait()
+        rc = _wait(proc, should_stop)
+        if rc is None:
+            raise TrainError(f"train round {r}: stopped on request (its checkpoints stay: a rerun resumes)")
     except BaseException:  # interrupted or cancelled: let torchrun stop its ranks, then make sure
         proc.terminate()
         try:
@@ -174,6 +194,16 @@ def run_train_node(store: RunStore, cfg: PipelineConfig, r: int,
     for t in pumps:
         t.join()
     return rc, output.detail()
+
+
+def _wait(proc: subprocess.Popen, should_stop: Callable[[], bool] | None) -> int | None:
+    """The agent's exit code, or None as soon as ``should_stop()`` is true while it still runs."""
+    while True:
+        try:
+            return proc.wait(timeout=None if should_stop is None else POLL_S)
+        except subprocess.TimeoutExpired:
+            if should_stop is not None and should_stop():
+                return None
 
 
 def main(argv: list[str] | None = None) -> int:

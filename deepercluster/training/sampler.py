@@ -58,13 +58,14 @@ class UniformClusterSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, targets: np.ndarray, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 round_: int = 0):
+                 round_: int = 0, epoch_images: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.targets = np.asarray(targets)
         self.world_size, self.rank = world_size, rank
         self.seed, self.round = seed, round_
-        self.per_rank = samples_per_rank(len(self.targets), world_size, batch_size)
+        self.epoch_images = epoch_images
+        self.per_rank = samples_per_rank(epoch_images or len(self.targets), world_size, batch_size)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -75,7 +76,7 @@ class UniformClusterSampler(Sampler[tuple[int, int]]):
 
     def rank_samples(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's rows and seeds for the whole current epoch (``start`` ignored)."""
-        rows, seeds = uniform_epoch(self.targets, self.seed, self.round, self.epoch)
+        rows, seeds = uniform_epoch(self.targets, self.seed, self.round, self.epoch, size=self.epoch_images)
         keep = self.per_rank * self.world_size
         return rows[:keep][self.rank :: self.world_size], seeds[:keep][self.rank :: self.world_size]
 
@@ -92,7 +93,8 @@ class GroupClusterSampler(UniformClusterSampler):
     the group's super-cluster), uniformly over their sub-clusters ``sub_targets``, from a draw of their own
     (stream = group id), dealt to the ``group_size`` ranks of the group with a stride.
 
-    Every rank of every group sees ``samples_per_rank(n_images, world_size, batch_size)`` samples per epoch, so all
+    Every rank of every group sees ``samples_per_rank(n_images, world_size, batch_size)`` samples per epoch
+    (``n_images``: the epoch size, all the round's images or ``train.epoch_images``), so all
     ranks run the same number of iterations (the body is all-reduced over every rank at each one).
     """
 

@@ -188,11 +188,11 @@ class Trainer:
         if self.plan.grouped:
             rows = np.flatnonzero(labels.super_ids == self.group // n_rot)
             self.sampler: UniformClusterSampler = GroupClusterSampler(
-                rows, labels.sub_ids[rows], self.n_images, self.batch, world, self.group, self.plan.group_size,
-                self.group_rank, cfg.seed, r)
+                rows, labels.sub_ids[rows], t.epoch_images or self.n_images, self.batch, world, self.group,
+                self.plan.group_size, self.group_rank, cfg.seed, r)
             rotation = self.group % n_rot
         else:
-            self.sampler = UniformClusterSampler(labels.targets, self.batch, world, rank, cfg.seed, r)
+            self.sampler = UniformClusterSampler(labels.targets, self.batch, world, rank, cfg.seed, r, t.epoch_images)
         self.iters_per_epoch = self.sampler.per_rank // self.batch
         if self.iters_per_epoch == 0:
             raise TrainError(f"{self.n_images} images make no whole global batch of {world} x {self.batch}: "
