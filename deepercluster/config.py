@@ -166,6 +166,8 @@ class EvalConfig(_Section):
     images of it, each a fraction of the labelled images or a count."""
 
     kmeans_nmi: bool = Field(True, description="also k-means (k = number of classes) the features against labels")
+    kmeans_runs: int = Field(5, ge=1, description="k-means runs (independent seeds) the k-means NMI/ARI are averaged "
+                             "over; one run's NMI moves by several points with its seed alone")
     linear_probe: bool = Field(True, description="accuracy of a linear classifier trained on the frozen features")
     knn: bool = Field(True, description="accuracy of a cosine k-nearest-neighbour vote on the frozen features")
     knn_k: int = Field(20, ge=1, description="neighbours of the kNN vote")

@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 from deepercluster.config import EvalConfig, build_config
 from deepercluster.data.idx import benchmark_folder, labelled_folder, load_idx_folder, read_idx, write_image_folder
 from deepercluster.errors import ConfigError, DataError
+from deepercluster.evaluation.metrics import kmeans_agreement, nmi
 from deepercluster.evaluation.pixels import pixel_features
 from deepercluster.evaluation.probes import knn_accuracy, knn_predict, linear_probe
 from deepercluster.evaluation.splits import probe_splits
@@ -82,6 +83,22 @@ def test_knn_matches_a_brute_force_reference():
 
 
 # ---- splits -------------------------------------------------------------------------------------------------------
+def test_kmeans_agreement_averages_independent_runs():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 50)
+    centres = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    x = (centres[y] + rng.normal(0, 0.45, (200, 2))).astype(np.float32)  # overlapping: runs disagree
+    m = kmeans_agreement(x, y, 10, 6, np.random.SeedSequence(1))
+    from deepercluster.clustering.kmeans import kmeans
+
+    singles = [nmi(kmeans(x, 4, 10, s).assign, y) for s in np.random.SeedSequence(1).spawn(6)]
+    assert m["kmeans_runs"] == 6
+    assert m["kmeans_nmi_labels"] == pytest.approx(np.mean(singles)) and 0 < m["kmeans_nmi_labels"] < 1
+    assert m["kmeans_nmi_labels_std"] == pytest.approx(np.std(singles)) and m["kmeans_nmi_labels_std"] > 0
+    clean = kmeans_agreement(centres[y] + 0.01 * x, y, 10, 3, np.random.SeedSequence(2))
+    assert clean["kmeans_nmi_labels"] > m["kmeans_nmi_labels"] + 0.2 and clean["kmeans_ari_labels"] > 0.8
+
+
 def test_probe_splits_are_deterministic_disjoint_and_only_labelled():
     ids = np.arange(1000)
     labels = pd.Series(np.where(ids % 10 == 0, None, ids % 3), dtype="Int64")  # every 10th image unlabelled

@@ -16,14 +16,13 @@ import time
 import numpy as np
 import pandas as pd
 
-from deepercluster.clustering.kmeans import kmeans
 from deepercluster.clustering.stage import assignments_rel, clusters_rel, load_assignments, whitened_features
 from deepercluster.config import PipelineConfig
 from deepercluster.data.shard import load_manifest
 from deepercluster.device import resolve_device
 from deepercluster.errors import StoreError
 from deepercluster.evaluation.layers import layer_features
-from deepercluster.evaluation.metrics import ari, nmi
+from deepercluster.evaluation.metrics import ari, kmeans_agreement, nmi
 from deepercluster.evaluation.probes import knn_accuracy, linear_probe
 from deepercluster.evaluation.splits import probe_splits
 from deepercluster.features import features_rel, open_features
@@ -110,10 +109,8 @@ def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, force: bool = F
         y = labels[known].to_numpy(dtype=np.int64)
         n_classes = int(len(np.unique(y)))
         if cfg.eval.kmeans_nmi and n_classes > 1:
-            res = kmeans(whitened_features(store, cfg, r)[known], n_classes, cfg.cluster.niter,
-                         np.random.SeedSequence([cfg.seed, r, 99]))
-            metrics["kmeans_nmi_labels"] = nmi(res.assign, y)
-            metrics["kmeans_ari_labels"] = ari(res.assign, y)
+            metrics.update(kmeans_agreement(whitened_features(store, cfg, r)[known], y, cfg.cluster.niter,
+                                            cfg.eval.kmeans_runs, np.random.SeedSequence([cfg.seed, r, 99])))
         if (cfg.eval.linear_probe or cfg.eval.knn) and n_classes > 1:
             metrics.update(probe_metrics(store, cfg, r, manifest))
     metrics.update({f"train_{k}": v for k, v in _train_summary(store, r).items()})
