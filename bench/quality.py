@@ -44,14 +44,15 @@ METHODS = ("pixels", "random", "rotnet", "deepcluster", "deepercluster", "cluste
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process, its waited-for children and every live descendant (Dask workers, torchrun)."""
+    """CPU time of this process, its waited-for children and every live descendant (Dask workers, torchrun) with
+    their own waited-for children (a torchrun that a Dask worker ran and reaped)."""
     me = psutil.Process()
     t = me.cpu_times()
     total = t.user + t.system + t.children_user + t.children_system
     for child in me.children(recursive=True):
         try:
             c = child.cpu_times()
-            total += c.user + c.system
+            total += c.user + c.system + c.children_user + c.children_system
         except psutil.Error:
             pass
     return total
