@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from conftest import tiny_overrides
 
+from deepercluster.clustering.kmeans import kmeans
 from deepercluster.config import EvalConfig, build_config
 from deepercluster.data.idx import benchmark_folder, labelled_folder, load_idx_folder, read_idx, write_image_folder
 from deepercluster.errors import ConfigError, DataError
@@ -89,8 +90,6 @@ def test_kmeans_agreement_averages_independent_runs():
     centres = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=np.float32)
     x = (centres[y] + rng.normal(0, 0.45, (200, 2))).astype(np.float32)  # overlapping: runs disagree
     m = kmeans_agreement(x, y, 10, 6, np.random.SeedSequence(1))
-    from deepercluster.clustering.kmeans import kmeans
-
     singles = [nmi(kmeans(x, 4, 10, s).assign, y) for s in np.random.SeedSequence(1).spawn(6)]
     assert m["kmeans_runs"] == 6
     assert m["kmeans_nmi_labels"] == pytest.approx(np.mean(singles)) and 0 < m["kmeans_nmi_labels"] < 1

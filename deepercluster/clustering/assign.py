@@ -143,14 +143,14 @@ class NearestCentroid:
         self.backend = backend
         self.threads = max(1, threads or search_threads())
         self.rechecked = 0  # rows re-decided in float64 so far
-        self._lock = threading.Lock()
-        self._c64: tuple[np.ndarray, np.ndarray] | None = None
-        self.c_norm_max = float(np.sqrt((self.centroids.astype(np.float64) ** 2).sum(1)).max())
+        self._c64 = self.centroids.astype(np.float64)  # for the near-tie re-check
+        self._c64_sq = (self._c64**2).sum(1)
+        self.c_norm_max = float(np.sqrt(self._c64_sq.max()))
         if backend == "cuda":
             self._torch = _torch_centroids(self.centroids)
         else:  # scores x.c - |c|^2/2: one float32 product, then the row of -|c|^2/2 added
             self._ct = np.ascontiguousarray(self.centroids.T)
-            self._neg_half_sq = (-(self.centroids.astype(np.float64) ** 2).sum(1) / 2).astype(np.float32)
+            self._neg_half_sq = (-self._c64_sq / 2).astype(np.float32)
             self._rows = int(np.clip(SCORE_BLOCK_BYTES // (4 * self.k), MIN_SEARCH_ROWS, MAX_SEARCH_ROWS))
 
     def assign(self, x: np.ndarray, x_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -224,16 +224,8 @@ class NearestCentroid:
         """float64 decision for near-tie rows: candidates from a float64 product (error ~1e-13, far below the
         float32 margin), then the row-by-row distance of the candidates, lowest index among equals."""
         step = max(1, DECIDE_BYTES // (8 * self.k))
-        c64, c64_sq = self._float64_centroids()
-        return np.concatenate([self._decide_rows(x[lo : lo + step], c64, c64_sq) for lo in range(0, len(x), step)])
-
-    def _float64_centroids(self) -> tuple[np.ndarray, np.ndarray]:
-        """The centroids in float64 and their squared norms, made once (by the first search thread to need them)."""
-        with self._lock:
-            if self._c64 is None:
-                c64 = self.centroids.astype(np.float64)
-                self._c64 = c64, (c64**2).sum(1)
-            return self._c64
+        return np.concatenate([self._decide_rows(x[lo : lo + step], self._c64, self._c64_sq)
+                               for lo in range(0, len(x), step)])
 
     def _decide_rows(self, x: np.ndarray, c64: np.ndarray, c64_sq: np.ndarray) -> np.ndarray:
         x64 = x.astype(np.float64)

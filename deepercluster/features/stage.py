@@ -193,7 +193,7 @@ def finalize_extract(store: RunStore, r: int) -> dict[str, int]:
 
 
 def run_extract_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict[str, int]:
-    """The whole stage in this process (the Prefect flow fans ``extract_shard`` out over Dask instead)."""
+    """The whole stage in this process (the Prefect flow fans these groups out over Dask)."""
     if not force and store.stage_done(STAGE, r):
         return store.done_record(STAGE, r, "_stage")
     for group in shard_groups(prepare_extract(store, cfg, r, force=force), cfg.extract.shards_per_task):
