@@ -29,7 +29,9 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import fsspec
 import pandas as pd
@@ -99,19 +101,31 @@ class RunStore:
     # ---- atomic writes and reads ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to a temporary name beside ``rel`` then rename it: readers see all or nothing."""
+        with self.open_atomic(rel) as f:
+            f.write(data)
+
+    @contextmanager
+    def open_atomic(self, rel: str) -> Iterator[BinaryIO]:
+        """A file to stream ``rel`` into: written under a temporary name beside it (synced to disk when local),
+        renamed to ``rel`` when the block ends, removed if it raises. Readers see all or nothing."""
         final = self.path(rel)
         parent = final.rsplit("/", 1)[0]
         tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
         self.fs.makedirs(parent, exist_ok=True)
-        if self.is_local:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        else:
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, final)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                yield f
+                if self.is_local:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self.is_local:
+                os.replace(tmp, final)
+            else:
+                self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
 
     def read_bytes(self, rel: str) -> bytes:
         try:

@@ -11,9 +11,7 @@ per file: what object storage and spinning disks want), from the original files 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
-import uuid
 
 import pandas as pd
 import pyarrow as pa
@@ -79,24 +77,8 @@ def repack_shard(store: RunStore, cfg: DataConfig, shard: int, threads: int = 4)
     rows = load_manifest_shard(store, shard, columns=["image_id", "uri", "label"])
     if rows.empty:
         raise StoreError(f"shard {shard} is not in the manifest of {store.url()}: rerun the shard stage")
-    final = store.path(packed_rel(shard))
-    parent = final.rsplit("/", 1)[0]
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-    store.fs.makedirs(parent, exist_ok=True)
-    try:
-        with store.fs.open(tmp, "wb") as f:
-            names, offsets, sizes = _write_tar(f, rows, threads)
-            if store.is_local:
-                f.flush()
-                os.fsync(f.fileno())
-        if store.is_local:
-            os.replace(tmp, final)
-        else:
-            store.fs.mv(tmp, final)
-    except BaseException:
-        if store.fs.exists(tmp):
-            store.fs.rm(tmp)
-        raise
+    with store.open_atomic(packed_rel(shard)) as f:
+        names, offsets, sizes = _write_tar(f, rows, threads)
     first = int(rows["image_id"].iloc[0])
     store.mark_done(STAGE, None, unit, {"tar": packed_rel(shard), "first_id": first, "names": names,
                                          "offsets": offsets, "sizes": sizes})
