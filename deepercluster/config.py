@@ -114,6 +114,9 @@ class ClusterConfig(_Section):
     pca_dim: int = Field(32, ge=1, description="PCA-whitening output dimension (capped at the feature width)")
     pca_sample: int = Field(100_000, ge=2, description="images the PCA is fitted on")
     niter: int = Field(20, ge=1, description="Lloyd iterations per k-means")
+    super_sample: int = Field(4096, ge=0, description="level 1 is fitted on at most this many vectors per "
+                              "super-cluster, drawn at random, then every vector is assigned to its nearest "
+                              "super-cluster (faiss's max_points_per_centroid); 0 = fit on every vector")
     whiten: bool = True
 
     @property

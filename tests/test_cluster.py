@@ -23,6 +23,7 @@ from deepercluster.clustering.whitening import pca_rel
 from deepercluster.config import build_config
 from deepercluster.data.shard import run_shard_stage
 from deepercluster.errors import ConfigError, DataError
+from deepercluster.evaluation.metrics import nmi
 from deepercluster.features import features_rel, run_extract_stage
 from deepercluster.store import RunStore
 
@@ -84,6 +85,63 @@ def test_assignment_does_not_depend_on_batching_and_breaks_ties_low():
     # blocks of 7 rows in Lloyd give bit-identical centroids and assignments
     a, b = lloyd(ArrayVectors(x, block_rows=7), 40, 8, 1), lloyd(ArrayVectors(x), 40, 8, 1)
     assert np.array_equal(a.assign, b.assign) and np.array_equal(a.centroids, b.centroids) and a.inertia == b.inertia
+
+
+@pytest.mark.parametrize("k", [40, 1000])  # fewer / more clusters than rows moved per thread (dense / compact sums)
+def test_lloyd_does_not_depend_on_search_threads(monkeypatch, k):
+    """Cluster sums are updated by the search threads, concurrently, each on its own rows: any thread count gives
+    bit-identical centroids."""
+    from deepercluster.clustering import assign
+
+    x = snap_to_grid(np.random.default_rng(1).normal(size=(3000, 24)).astype(np.float32))
+    runs = []
+    for threads in (1, 3):
+        monkeypatch.setattr(assign, "search_threads", lambda threads=threads: threads)
+        runs.append(lloyd(ArrayVectors(x), k, 6, 2))
+    a, b = runs
+    assert np.array_equal(a.assign, b.assign) and np.array_equal(a.centroids, b.centroids) and a.inertia == b.inertia
+
+
+def test_level1_fitted_on_a_sample_assigns_every_row():
+    from deepercluster.clustering.kmeans import assign_to_centroids, lloyd_on_sample
+
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(4, 16)).astype(np.float32) * 4
+    truth = rng.integers(0, 4, 5000)
+    x = snap_to_grid(centers[truth] + rng.normal(size=(5000, 16)).astype(np.float32))
+    src = ArrayVectors(x)
+    whole = lloyd_on_sample(src, 4, 10, 1, max_rows=5000)  # no fewer rows than asked: plain k-means
+    plain = lloyd(src, 4, 10, 1)
+    assert np.array_equal(whole.assign, plain.assign) and np.array_equal(whole.centroids, plain.centroids)
+    fit = lloyd_on_sample(src, 4, 10, 1, max_rows=400)
+    again = lloyd_on_sample(src, 4, 10, 1, max_rows=400)
+    assert np.array_equal(fit.assign, again.assign) and np.array_equal(fit.centroids, again.centroids)
+    assert len(fit.assign) == 5000 and np.array_equal(fit.assign, assign_to_centroids(x, fit.centroids)[0])
+    # the centroids were fitted on 400 rows only, not re-estimated on all: they are not the means of their members
+    means = np.stack([x[fit.assign == j].mean(0) for j in range(4)])
+    assert not np.allclose(means, fit.centroids, atol=1e-6)
+    # a sample of 100 per cluster finds the four groups the rows were drawn from
+    assert nmi(fit.assign, truth) > 0.95 and nmi(plain.assign, truth) > 0.95  # (seed 1: no local minimum)
+
+
+def test_concurrent_moves_keep_the_exact_cluster_sums():
+    """Moves run in 3 search threads at once, from no cluster and then between clusters (few rows moved: the
+    compact path): sums and counts equal those recomputed from the final labels, bit for bit."""
+    from functools import partial
+
+    from deepercluster.clustering.kmeans import Membership, _move_rows, cluster_sums
+
+    rng = np.random.default_rng(3)
+    x = snap_to_grid(rng.normal(size=(3000, 24)).astype(np.float32))
+    k = 500
+    membership = Membership.empty(len(x), k, x.shape[1])
+    c = x[:k].copy()
+    for step in range(3):
+        labels, _ = NearestCentroid(c, threads=3).assign(x, rows_done=partial(_move_rows, membership, 0, x))
+        assert np.array_equal(membership.labels, labels)
+        sums, counts = cluster_sums(x, labels, k)
+        assert np.array_equal(membership.counts, counts) and np.array_equal(membership.sums, sums)
+        c = c + rng.normal(scale=0.05 / (step + 1), size=c.shape).astype(np.float32)
 
 
 def test_pca_whitening_decorrelates_and_normalises():

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache, partial
 
 import numpy as np
+from scipy.linalg.blas import sgemm  # imported before threadpoolctl's first look, so its BLAS is limited too
 
 from deepercluster.errors import ConfigError
 
@@ -130,12 +131,17 @@ def single_threaded_blas() -> Iterator[None]:
                 _blas_limit = None
 
 
+RowsDone = Callable[[int, int, np.ndarray], None]  # (lo, hi, final labels of rows [lo, hi)), called in a search thread
+
+
 class NearestCentroid:
     """The centroids, ready to assign batches of rows to them (build one per Lloyd iteration).
 
     On CPU a batch is cut into score blocks sized for a core's L2 cache, shared out among ``threads`` threads (default:
     numpy's BLAS threads) that each run single-threaded BLAS products and the top-2 scan of their blocks: the scans run
-    in parallel too, and small products do not pay for BLAS's thread synchronisation."""
+    in parallel too, and small products do not pay for BLAS's thread synchronisation. Each score block is one BLAS
+    call ``x.c - |c|^2/2`` (the bias preloaded as the product's C operand), so the scores are never read twice
+    before the scan."""
 
     def __init__(self, centroids: np.ndarray, backend: str = "cpu", threads: int | None = None):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -148,14 +154,18 @@ class NearestCentroid:
         self.c_norm_max = float(np.sqrt(self._c64_sq.max()))
         if backend == "cuda":
             self._torch = _torch_centroids(self.centroids)
-        else:  # scores x.c - |c|^2/2: one float32 product, then the row of -|c|^2/2 added
-            self._ct = np.ascontiguousarray(self.centroids.T)
+        else:  # scores x.c - |c|^2/2: one float32 product into the row of -|c|^2/2
             self._neg_half_sq = (-self._c64_sq / 2).astype(np.float32)
             self._rows = int(np.clip(SCORE_BLOCK_BYTES // (4 * self.k), MIN_SEARCH_ROWS, MAX_SEARCH_ROWS))
 
-    def assign(self, x: np.ndarray, x_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def assign(self, x: np.ndarray, x_sq: np.ndarray | None = None,
+               rows_done: RowsDone | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(labels int64, approximate float32 squared distances) of the rows of ``x`` (float32, C-contiguous);
-        ``x_sq``: their float32 squared norms, when the caller keeps them (computed here otherwise)."""
+        ``x_sq``: their float32 squared norms, when the caller keeps them (computed here otherwise).
+
+        ``rows_done(lo, hi, labels)`` is called once per search thread, in that thread, as soon as the labels of its
+        contiguous share of rows ``[lo, hi)`` are final: work on those rows (k-means' cluster sums) then runs in
+        parallel while their vectors are still in cache. Calls may be concurrent; their row ranges never overlap."""
         n = len(x)
         if x_sq is None:
             x_sq = np.einsum("ij,ij->i", x, x)
@@ -164,6 +174,8 @@ class NearestCentroid:
             return labels, dist
         if self.backend == "cuda":
             self.rechecked += self._search_cuda(x, x_sq, labels, dist)
+            if rows_done is not None:
+                rows_done(0, n, labels)
             return labels, dist
         threads = min(self.threads, -(-n // MIN_SEARCH_ROWS))
         count = -(-n // (self._rows * threads)) * threads  # equal spans, as many for every thread
@@ -171,25 +183,24 @@ class NearestCentroid:
         spans = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
         per = -(-len(spans) // threads)
         groups = [spans[i : i + per] for i in range(0, len(spans), per)]
+        search = partial(self._search_spans, x, x_sq, labels=labels, dist=dist, rows_done=rows_done)
         with single_threaded_blas():
             if len(groups) == 1:
-                self.rechecked += self._search_spans(x, x_sq, spans, labels, dist)
+                self.rechecked += search(spans)
             else:
-                search = partial(self._search_spans, x, x_sq, labels=labels, dist=dist)
                 self.rechecked += sum(_pool(len(groups)).map(search, groups))
         return labels, dist
 
     def _search_spans(self, x: np.ndarray, x_sq: np.ndarray, spans: list[tuple[int, int]], labels: np.ndarray,
-                      dist: np.ndarray) -> int:
-        """Nearest centroid and its float32 distance of the rows ``[lo, hi)`` of each span, into ``labels`` and
-        ``dist``; rows whose second nearest centroid is within the float32 error margin are re-decided in float64
-        (all at once, after the spans). Returns the number of rows re-decided."""
+                      dist: np.ndarray, rows_done: RowsDone | None = None) -> int:
+        """Nearest centroid and its float32 distance of the rows ``[lo, hi)`` of each span (consecutive spans), into
+        ``labels`` and ``dist``; rows whose second nearest centroid is within the float32 error margin are re-decided
+        in float64 (all at once, after the spans), then ``rows_done`` is called on the whole range. Returns the
+        number of rows re-decided."""
         scores = np.empty((max(hi - lo for lo, hi in spans), self.k), dtype=np.float32)
         near = []
         for lo, hi in spans:
-            s = scores[: hi - lo]
-            np.matmul(x[lo:hi], self._ct, out=s)
-            s += self._neg_half_sq
+            s = self._scores(x[lo:hi], scores[: hi - lo])
             best = s.argmax(1)
             rows = np.arange(hi - lo)
             top = s[rows, best]
@@ -199,7 +210,21 @@ class NearestCentroid:
                 s[rows, best] = -np.inf
                 gap = top - s[rows, s.argmax(1)]  # (second - nearest distance) / 2, rounded once
                 near.append(lo + self._near_ties(x_sq[lo:hi], 2 * gap))
-        return self._redecide(x, np.concatenate(near), labels) if near else 0
+        rechecked = self._redecide(x, np.concatenate(near), labels) if near else 0
+        if rows_done is not None:
+            lo, hi = spans[0][0], spans[-1][1]
+            rows_done(lo, hi, labels[lo:hi])
+        return rechecked
+
+    def _scores(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``x.c_j - |c_j|^2/2`` for every row and centroid into ``out`` (rows x k, C-contiguous): one BLAS call
+        ``C = c x^T + C`` on the Fortran views, with C preloaded with the bias row (what the error bound allows: a
+        float32 sum of d + 1 terms in any order)."""
+        out[...] = self._neg_half_sq
+        scores_t = sgemm(1.0, self.centroids.T, x.T, beta=1.0, c=out.T, trans_a=True, overwrite_c=True)
+        if not np.shares_memory(scores_t, out):  # a non-contiguous operand made scipy copy: never on our paths
+            out[...] = scores_t.T
+        return out
 
     def _search_cuda(self, x: np.ndarray, x_sq: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> int:
         d, idx = _torch_top2(x, *self._torch, min(2, self.k))

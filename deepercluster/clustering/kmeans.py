@@ -14,14 +14,21 @@ threads or Dask workers, on CPU or GPU.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
 from scipy import sparse
 
-from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances
+from deepercluster.clustering.assign import (
+    NearestCentroid,
+    exact_sq_distances,
+    search_threads,
+    single_threaded_blas,
+)
 from deepercluster.errors import ConfigError, DataError
 
 EPS = 1e-7
@@ -122,17 +129,21 @@ class Membership:
     """The cluster of every row after the last pass, with the exact per-cluster sums and counts of that membership.
 
     A pass only moves the rows whose cluster changed (subtracted from the old sum, added to the new one): exact
-    arithmetic makes this equal to recomputing every sum, and after the first iterations few rows move."""
+    arithmetic makes this equal to recomputing every sum, and after the first iterations few rows move. Moves of
+    disjoint row ranges may run in concurrent threads (the k-means search threads): each computes its own change of
+    the sums, and only adding it in holds a lock."""
 
     labels: np.ndarray  # (n,) int64; -1 before the first pass
     sums: np.ndarray  # (k, d) float64
     counts: np.ndarray  # (k,) int64
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def empty(cls, n: int, k: int, dim: int) -> Membership:
         return cls(np.full(n, -1, dtype=np.int64), np.zeros((k, dim)), np.zeros(k, dtype=np.int64))
 
     def move(self, lo: int, x: np.ndarray, new: np.ndarray) -> None:
+        """Rows ``[lo, lo + len(x))`` (vectors ``x``) now belong to clusters ``new``."""
         old = self.labels[lo : lo + len(x)]
         changed = np.flatnonzero(old != new)
         if len(changed) == 0:
@@ -140,15 +151,29 @@ class Membership:
         k = len(self.counts)
         o, nw = old[changed], new[changed]
         had = o >= 0
-        self.counts += np.bincount(nw, minlength=k) - np.bincount(o[had], minlength=k)
-        # one sparse (k x rows) product per chunk: each changed row +1 in its new cluster, -1 in its old one. Rows
+        # the clusters touched, numbered 0..t-1 (all k when as many rows moved: no sort needed)
+        if len(changed) >= k:
+            touched, to_new, to_old = np.arange(k), nw, o[had]
+        else:
+            touched, inverse = np.unique(np.concatenate([nw, o[had]]), return_inverse=True)
+            to_new, to_old = inverse[: len(nw)], inverse[len(nw) :]
+        t = len(touched)
+        counts = np.bincount(to_new, minlength=t) - np.bincount(to_old, minlength=t)
+        sums = np.zeros((t, x.shape[1]))
+        # one sparse (t x rows) product per chunk: each changed row +1 in its new cluster, -1 in its old one. Rows
         # are converted to float64 a chunk at a time (one big conversion costs more in page faults than the sums)
         buf = np.empty((min(MOVE_ROWS, len(changed)), x.shape[1]))
+        old_of = np.full(len(changed), -1, dtype=np.int64)
+        old_of[had] = to_old
+        every = len(changed) == len(x)
         for a in range(0, len(changed), MOVE_ROWS):
             rows = changed[a : a + MOVE_ROWS]
             xb = buf[: len(rows)]
-            xb[...] = x[rows]
-            self.sums += _signed_onehot(k, nw[a : a + MOVE_ROWS], o[a : a + MOVE_ROWS]) @ xb
+            xb[...] = x[a : a + len(rows)] if every else x[rows]
+            sums += _signed_onehot(t, to_new[a : a + MOVE_ROWS], old_of[a : a + MOVE_ROWS]) @ xb
+        with self._lock:
+            self.counts[touched] += counts
+            self.sums[touched] += sums
         old[changed] = nw
 
 
@@ -183,11 +208,12 @@ def repair_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
 
 
 def _assign_pass(source: VectorSource, centroids: np.ndarray, backend: str, membership: Membership | None,
-                 exact: bool = True) -> tuple[float, int, np.ndarray | None, np.ndarray | None]:
+                 exact: bool = True, threads: int | None = None,
+                 ) -> tuple[float, int, np.ndarray | None, np.ndarray | None]:
     """One pass over the source: moves rows in ``membership``, or (final pass, None) returns every row's label and
     distance (``exact``: recomputed row by row, the same bits whatever the batching; else the float32 search's).
     Returns (approximate inertia, rows re-decided in float64, labels, distances)."""
-    nc = NearestCentroid(centroids, backend)
+    nc = NearestCentroid(centroids, backend, threads)
     approx = 0.0
     labels_all = distance = None
     if membership is None:
@@ -195,27 +221,44 @@ def _assign_pass(source: VectorSource, centroids: np.ndarray, backend: str, memb
         distance = np.empty(source.n, dtype=np.float32)
     sq_norms = getattr(source, "sq_norms", None)  # kept by in-memory sources; a streamed block computes its own
     for lo, xb in source.blocks():
-        labels, dist = nc.assign(xb, None if sq_norms is None else sq_norms[lo : lo + len(xb)])
-        approx += float(dist.sum(dtype=np.float64))
+        xb_sq = None if sq_norms is None else sq_norms[lo : lo + len(xb)]
         if membership is None:
+            labels, dist = nc.assign(xb, xb_sq)
             labels_all[lo : lo + len(xb)] = labels
             distance[lo : lo + len(xb)] = exact_sq_distances(xb, nc.centroids, labels, np.float32) if exact else dist
-        else:
-            membership.move(lo, xb, labels)
+        else:  # the cluster sums follow in the search threads, each on its own rows
+            _, dist = nc.assign(xb, xb_sq, rows_done=partial(_move_rows, membership, lo, xb))
+        approx += float(dist.sum(dtype=np.float64))
     return approx, nc.rechecked, labels_all, distance
 
 
+def _move_rows(membership: Membership, block_lo: int, xb: np.ndarray, lo: int, hi: int, labels: np.ndarray) -> None:
+    membership.move(block_lo + lo, xb[lo:hi], labels)
+
+
 def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence,
-          init: np.ndarray | None = None, backend: str = "cpu", exact_distances: bool = True) -> KMeansResult:
+          init: np.ndarray | None = None, backend: str = "cpu", exact_distances: bool = True,
+          threads: int | None = None) -> KMeansResult:
     """k-means of a source whose rows lie on the fixed-point grid. ``k`` is lowered to the number of rows when it
     exceeds it; ``init`` gives the initial centroids (default: ``k`` distinct rows drawn with ``seed``). Without
     ``exact_distances`` the returned distances (and inertia) are the float32 search's, which may differ in the last
-    bits with the batching; the assignments never do."""
+    bits with the batching; the assignments never do. ``threads``: CPU search threads (default: numpy's BLAS
+    threads); the result does not depend on it."""
     n = source.n
     if n == 0:
         raise DataError("k-means got no points")
     if n > MAX_ROWS:
         raise ConfigError(f"k-means of {n} rows: at most {MAX_ROWS} per unit (use more super-clusters)")
+    threads = threads or search_threads()
+    # BLAS stays single-threaded for the whole k-means (the search threads are the parallelism): switching its
+    # thread count per call while another k-means runs in this process stalls both several-fold
+    with single_threaded_blas():
+        return _lloyd(source, k, niter, seed, init, backend, exact_distances, threads)
+
+
+def _lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence, init: np.ndarray | None,
+           backend: str, exact_distances: bool, threads: int) -> KMeansResult:
+    n = source.n
     rng = np.random.default_rng(seed)
     if init is None:
         centroids = source.take(np.sort(rng.choice(n, size=min(k, n), replace=False))).astype(np.float64)
@@ -224,20 +267,38 @@ def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSe
     repairs, rechecked, history = 0, 0, []
     membership = Membership.empty(n, len(centroids), source.dim)
     for _ in range(niter):
-        approx, checked, _, _ = _assign_pass(source, centroids, backend, membership)
+        approx, checked, _, _ = _assign_pass(source, centroids, backend, membership, threads=threads)
         history.append(approx)
         rechecked += checked
         nonempty = membership.counts > 0
         centroids[nonempty] = membership.sums[nonempty] / membership.counts[nonempty, None]
         repairs += repair_empty(centroids, membership.counts, rng)
     del membership
-    _, checked, labels, distance = _assign_pass(source, centroids, backend, None, exact_distances)
+    _, checked, labels, distance = _assign_pass(source, centroids, backend, None, exact_distances, threads)
     inertia = float(distance.sum(dtype=np.float64))
     history.append(inertia)
     return KMeansResult(
         centroids=centroids.astype(np.float32), assign=labels, distance=distance,
         inertia=inertia, repairs=repairs, k_requested=k, history=history, rechecked=rechecked + checked,
     )
+
+
+def lloyd_on_sample(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence, max_rows: int,
+                    backend: str = "cpu", exact_distances: bool = True, threads: int | None = None) -> KMeansResult:
+    """k-means fitted on at most ``max_rows`` rows drawn at random with ``seed`` (all rows when there are no more),
+    then one pass assigning every row to the fitted centroids. With few clusters (level 1) a sample fixes the
+    centroids as well as every row does, at a fraction of the cost of iterating over every row."""
+    if max_rows <= 0 or source.n <= max_rows:
+        return lloyd(source, k, niter, seed, backend=backend, exact_distances=exact_distances, threads=threads)
+    sample_seed, fit_seed = np.random.SeedSequence(seed).spawn(2) if isinstance(seed, int) else seed.spawn(2)
+    rows = np.sort(np.random.default_rng(sample_seed).choice(source.n, size=max_rows, replace=False))
+    fit = lloyd(ArrayVectors(source.take(rows)), k, niter, fit_seed, backend=backend, exact_distances=False,
+                threads=threads)
+    out = lloyd(source, k, 0, fit_seed, init=fit.centroids, backend=backend, exact_distances=exact_distances,
+                threads=threads)
+    out.repairs, out.k_requested, out.rechecked = fit.repairs, k, fit.rechecked + out.rechecked
+    out.history = fit.history[:-1] + out.history  # the fit's passes, then the pass over every row
+    return out
 
 
 def kmeans(x: np.ndarray, k: int, niter: int, seed: int | np.random.SeedSequence, init: np.ndarray | None = None,

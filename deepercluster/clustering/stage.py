@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from deepercluster.clustering.assign import resolve_backend
-from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd
+from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd_on_sample
 from deepercluster.clustering.memory import bound_heap, release
 from deepercluster.clustering.plots import size_histogram
 from deepercluster.clustering.vectors import (
@@ -82,16 +82,19 @@ def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
 
 
 def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray | None, k: int,
-                 seed: np.random.SeedSequence, exact_distances: bool = True) -> tuple[KMeansResult, bool]:
+                 seed: np.random.SeedSequence, exact_distances: bool = True,
+                 fit_rows: int = 0) -> tuple[KMeansResult, bool]:
     """k-means of the whitened rows ``ids`` (sorted; None = all): gathered in memory when they fit the budget, else
-    streamed shard by shard at every iteration. Returns the result and whether it streamed."""
+    streamed shard by shard at every iteration; ``fit_rows`` > 0: fitted on that many of them drawn at random, then
+    every row assigned. Returns the result and whether it streamed."""
     array = open_whitened(store, r)
     n = int(array.shape[0])
     source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.runtime.stream_threads)
     streamed = not fits_in_memory(cfg, source.n, source.dim)
     data = source if streamed else ArrayVectors(source.gather())
     backend = resolve_backend(cfg.runtime.device)
-    return lloyd(data, k, cfg.cluster.niter, seed, backend=backend, exact_distances=exact_distances), streamed
+    return lloyd_on_sample(data, k, cfg.cluster.niter, seed, fit_rows, backend=backend,
+                           exact_distances=exact_distances), streamed
 
 
 def _discard(store: RunStore, r: int) -> None:
@@ -118,7 +121,8 @@ def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int, force: bool = 
         release()
         if m > 1:
             # level-1 distances are not kept: its inertia is the float32 search's (last bits may vary with batching)
-            res, streamed = cluster_rows(store, cfg, r, None, m, _seed(cfg, r, 1), exact_distances=False)
+            res, streamed = cluster_rows(store, cfg, r, None, m, _seed(cfg, r, 1), exact_distances=False,
+                                         fit_rows=m * cfg.cluster.super_sample)
             super_ids = res.assign
             info = {"inertia": res.inertia, "repairs": res.repairs, "streamed": streamed, "rechecked": res.rechecked}
             _save_npy(store, clusters_rel(r, "super_centroids.npy"), res.centroids)
