@@ -35,7 +35,8 @@ EPS = 1e-7
 GRID_BITS = 23  # grid step = 2^(e - GRID_BITS): every grid value is exact in float32
 MAX_ROWS = 1 << 30  # float64 sums of grid values stay exact up to this many rows
 BLOCK_ROWS = 1 << 16  # rows assigned per call for in-memory data
-MOVE_ROWS = 1 << 13  # changed rows added to the cluster sums per sparse product (float64 copy: 8 MiB at d = 128)
+MOVE_ROWS = 1 << 12  # changed rows added to the cluster sums per sparse product (float64 copy: 4 MiB at d = 128,
+# one per search thread at once)
 
 
 @dataclass
