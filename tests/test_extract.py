@@ -9,7 +9,7 @@ from PIL import Image
 from deepercluster.config import build_config
 from deepercluster.data.datasets import ImageList
 from deepercluster.data.shard import load_manifest, run_shard_stage
-from deepercluster.data.transforms import clustering_view
+from deepercluster.data.transforms import STD, clustering_view
 from deepercluster.errors import ConfigError, DataError
 from deepercluster.features import (
     ensure_round_model,
@@ -82,7 +82,10 @@ def test_threaded_loader_matches_the_clustering_view(digits_dir: Path):
     assert [lo for lo, _ in batches] == [0, 5, 10, 15, 20] and len(loader) == 5
     got = torch.cat([b for _, b in batches])
     assert got.shape == expected.shape and got.is_contiguous()
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # resize + crop run on uint8 tensors (torch's antialiased resize is PIL's algorithm, rounded alike to one level)
+    level = 1 / 255 / min(STD)
+    torch.testing.assert_close(got, expected, rtol=0, atol=level + 1e-5)
+    assert (got - expected).abs().mean() < level / 4
 
     overlapped = BatchLoader(uris, HostView(20, 0.8), batch_size=5, threads=3, prefetch=2, overlap=True)
     torch.testing.assert_close(torch.cat([b for _, b in overlapped]), got, rtol=0, atol=0)  # both schedules agree
