@@ -99,8 +99,8 @@ def bench_in_memory(args: argparse.Namespace) -> None:
         def unit(s: int) -> None:  # a stage unit as on a Dask worker: one thread (Dask workers set BLAS threads 1)
             lloyd(ArrayVectors(x[order[bounds[s] : bounds[s + 1]]]), k, args.niter, (2, s), threads=1)
 
-        # units in parallel, as many as the flat search's threads; BLAS held at one thread around them all (OpenBLAS
-        # calls from concurrent threads with more than one BLAS thread each stall several-fold)
+        # units in parallel, as many as the flat search's threads; BLAS held at one thread around them all, as in a
+        # Dask worker (each unit's own per-call limit is not enough: the units then ran 1.7x slower)
         with single_threaded_blas(), ThreadPoolExecutor(threads) as pool:
             list(pool.map(unit, range(m)))
 

@@ -23,12 +23,7 @@ from typing import Protocol
 import numpy as np
 from scipy import sparse
 
-from deepercluster.clustering.assign import (
-    NearestCentroid,
-    exact_sq_distances,
-    search_threads,
-    single_threaded_blas,
-)
+from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances
 from deepercluster.errors import ConfigError, DataError
 
 EPS = 1e-7
@@ -250,16 +245,6 @@ def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSe
         raise DataError("k-means got no points")
     if n > MAX_ROWS:
         raise ConfigError(f"k-means of {n} rows: at most {MAX_ROWS} per unit (use more super-clusters)")
-    threads = threads or search_threads()
-    # BLAS stays single-threaded for the whole k-means (the search threads are the parallelism): switching its
-    # thread count per call while another k-means runs in this process stalls both several-fold
-    with single_threaded_blas():
-        return _lloyd(source, k, niter, seed, init, backend, exact_distances, threads)
-
-
-def _lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence, init: np.ndarray | None,
-           backend: str, exact_distances: bool, threads: int) -> KMeansResult:
-    n = source.n
     rng = np.random.default_rng(seed)
     if init is None:
         centroids = source.take(np.sort(rng.choice(n, size=min(k, n), replace=False))).astype(np.float64)
@@ -297,7 +282,7 @@ def lloyd_on_sample(source: VectorSource, k: int, niter: int, seed: int | np.ran
                 threads=threads)
     out = lloyd(source, k, 0, fit_seed, init=fit.centroids, backend=backend, exact_distances=exact_distances,
                 threads=threads)
-    out.repairs, out.k_requested, out.rechecked = fit.repairs, k, fit.rechecked + out.rechecked
+    out.repairs, out.rechecked = fit.repairs, fit.rechecked + out.rechecked
     out.history = fit.history[:-1] + out.history  # the fit's passes, then the pass over every row
     return out
 
