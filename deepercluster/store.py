@@ -29,11 +29,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 import fsspec
+import numpy as np
 import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 
@@ -47,6 +48,7 @@ TMP_PREFIX = ".tmp-"  # a write in progress (or left by a killed process): never
 STORAGE_OPTIONS_ENV = "DEEPERCLUSTER_STORAGE_OPTIONS"
 S3_ENDPOINT_ENVS = ("DEEPERCLUSTER_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 LOCAL_PROTOCOLS = ("file", "local")
+PARQUET_ROWS = 1 << 18  # rows per parquet row group written (a part of 8 int64 columns: 16 MiB)
 
 
 def round_dir(r: int) -> str:
@@ -145,13 +147,58 @@ class RunStore:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
 
-    def write_parquet(self, rel: str, df: pd.DataFrame) -> None:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        self.write_bytes(rel, buf.getvalue())
+    def write_parquet(self, rel: str, data: pd.DataFrame | Mapping[str, np.ndarray]) -> None:
+        """A data frame (its index dropped) or equal-length columns as parquet, converted and written one row group
+        at a time: columns given as arrays are never copied whole."""
+        n = len(data) if isinstance(data, pd.DataFrame) else len(next(iter(data.values())))
+
+        def part(lo: int) -> pd.DataFrame:
+            if isinstance(data, pd.DataFrame):
+                return data.iloc[lo : lo + PARQUET_ROWS]
+            return pd.DataFrame({name: column[lo : lo + PARQUET_ROWS] for name, column in data.items()})
+
+        self.write_parquet_parts(rel, (part(lo) for lo in range(0, max(n, 1), PARQUET_ROWS)))
+
+    def write_parquet_parts(self, rel: str, parts: Iterable[pd.DataFrame]) -> None:
+        """Data frames with the same columns and dtypes, streamed into one parquet file (a row group each, index
+        dropped, atomically): only one part is ever held in Arrow form, so a table larger than memory can be
+        written part by part."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with self.open_atomic(rel) as f:
+            writer = None
+            try:
+                for part in parts:
+                    table = pa.Table.from_pandas(part, preserve_index=False)
+                    if writer is None:
+                        writer = pq.ParquetWriter(f, table.schema)
+                    writer.write_table(table)
+            finally:  # also when a part fails: the writer lets go of the file before it is removed
+                if writer is not None:
+                    writer.close()
+            if writer is None:
+                raise ValueError(f"no data frame to write to {rel}")
+
+    def iter_parquet(self, rel: str, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        """The parquet file ``rel`` row group by row group (only ``columns`` when given)."""
+        import pyarrow.parquet as pq
+
+        try:
+            with self.fs.open(self.path(rel), "rb") as f:
+                reader = pq.ParquetFile(f)
+                for group in range(reader.num_row_groups):
+                    yield reader.read_row_group(group, columns=columns).to_pandas()
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(rel)} is missing: run the stage that makes it first") from None
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.read_bytes(rel)), columns=columns)
+        """The parquet file ``rel`` (only ``columns`` when given: the others are not read)."""
+        try:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return pd.read_parquet(f, columns=columns)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(rel)} is missing: run the stage that makes it first") from None
 
     def save_torch(self, rel: str, obj: Any) -> None:
         import torch

@@ -9,7 +9,8 @@ from conftest import tiny_overrides
 
 from deepercluster.clustering import fit_pca, kmeans
 from deepercluster.clustering import vectors as vectors_module
-from deepercluster.clustering.assign import NearestCentroid
+from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances
+from deepercluster.clustering.kernels import nearest_by_column, signed_row_sums
 from deepercluster.clustering.kmeans import ArrayVectors, lloyd, repair_empty, snap_to_grid
 from deepercluster.clustering.pca import Moments, pca_from_moments
 from deepercluster.clustering.stage import (
@@ -65,6 +66,61 @@ def test_repair_splits_a_non_empty_cluster_deterministically():
     repair_empty(b, counts.copy(), np.random.default_rng(1))
     assert np.array_equal(a, b)
     assert np.allclose(a[0], cents[1], rtol=1e-6) and np.allclose(a[2], cents[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 128])
+def test_nearest_kernel_matches_numpy(k):
+    rng = np.random.default_rng(k)
+    m = 300
+    scores = rng.integers(-50, 50, size=(k, m)).astype(np.float32) / 8  # small grid: many equal values
+    bias = rng.normal(size=k).astype(np.float32)
+    bias[1::2] = bias[::2][: k // 2]  # equal pairs of rows in the first half of the columns: their maximum twice
+    scores[1::2, : m // 2] = scores[::2, : m // 2][: k // 2]
+    x_sq = rng.uniform(0, 20, size=m).astype(np.float32)
+    best, dist, near = np.empty(m, np.int64), np.empty(m, np.float32), np.empty(m, np.int64)
+    count = nearest_by_column(scores, bias, x_sq, 0.25, best, dist, near)
+    full = scores + bias[:, None]  # float32, as the kernel adds
+    ordered = np.sort(full, axis=0)
+    np.testing.assert_array_equal(best, full.argmax(0))  # numpy's argmax: lowest index among equals
+    np.testing.assert_array_equal(dist, np.maximum(x_sq - 2 * ordered[-1], 0))
+    expected_near = np.flatnonzero(2 * (ordered[-1] - ordered[-2]) <= 0.25) if k > 1 else []
+    np.testing.assert_array_equal(near[:count], expected_near)
+    if k > 1:  # the data exercises ties, near ties and clear winners
+        assert 0 < count < m and np.isin(np.arange(m // 2), near[:count]).any()
+
+
+def test_signed_row_sums_match_a_dense_reference():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-8, 8, size=(50, 5)).astype(np.float32)
+    rows = rng.choice(50, size=30, replace=False)
+    plus, minus = rng.integers(0, 4, size=30), rng.integers(-1, 4, size=30)
+    out = np.zeros((4, 5))
+    signed_row_sums(x, rows, plus, minus, out)
+    expected = np.zeros((4, 5))
+    for r, p, q in zip(rows, plus, minus, strict=True):
+        expected[p] += x[r]
+        if q >= 0:
+            expected[q] -= x[r]
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 128])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_distances_sum_in_the_fixed_pairwise_order(dim, dtype):
+    rng = np.random.default_rng(dim)
+    x, c = rng.normal(size=(257, dim)).astype(np.float32), rng.normal(size=(9, dim)).astype(np.float32)
+    labels = rng.integers(0, 9, size=257)
+    width = 1 << max(0, (dim - 1).bit_length())
+    terms = np.zeros((257, width), dtype=dtype)  # (x - c) in dtype, squared, zero-padded, halved pairwise
+    terms[:, :dim] = x.astype(dtype) - c[labels]
+    terms *= terms
+    while width > 1:
+        width //= 2
+        terms[:, :width] += terms[:, width : 2 * width]
+    got = exact_sq_distances(x, c, labels, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, terms[:, 0])
+    np.testing.assert_array_equal(exact_sq_distances(x[100:], c, labels[100:], dtype), got[100:])  # batch-free
 
 
 def test_assignment_does_not_depend_on_batching_and_breaks_ties_low():

@@ -53,3 +53,32 @@ def test_a_write_left_half_done_by_a_killed_process_is_not_a_record(tmp_path: Pa
     leftover = tmp_path / "rounds/0/_done/extract/.tmp-0123abcd-shard-00001.json"
     leftover.write_text("{")
     assert store.done_units("extract", 0) == ["shard-00000"]
+
+
+@pytest.mark.parametrize("uri", ["local", "memory://runs/test-parquet-parts"])
+def test_parquet_is_written_part_by_part_and_read_by_column(tmp_path: Path, uri: str, monkeypatch):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from deepercluster import store as store_module
+
+    store = RunStore(tmp_path / "run" if uri == "local" else uri)
+    monkeypatch.setattr(store_module, "PARQUET_ROWS", 4)
+    df = pd.DataFrame({"id": np.arange(10), "v": np.linspace(0, 1, 10, dtype=np.float32)})
+    store.write_parquet("t.parquet", df)
+    with store.fs.open(store.path("t.parquet"), "rb") as f:
+        assert pq.ParquetFile(f).metadata.num_row_groups == 3  # 4 + 4 + 2 rows: one part at a time
+    pd.testing.assert_frame_equal(store.read_parquet("t.parquet"), df)
+    assert store.read_parquet("t.parquet", columns=["v"]).columns.tolist() == ["v"]
+    store.write_parquet("empty.parquet", df.iloc[:0])
+    assert store.read_parquet("empty.parquet").columns.tolist() == ["id", "v"]
+
+    def failing():
+        yield df.iloc[:5]
+        raise RuntimeError("the producer died")
+
+    with pytest.raises(RuntimeError):
+        store.write_parquet_parts("half.parquet", failing())
+    assert not store.exists("half.parquet") and not [n for n in store.listdir("") if n.startswith(".tmp")]
+    with pytest.raises(StoreError, match="missing"):
+        store.read_parquet("half.parquet")

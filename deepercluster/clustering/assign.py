@@ -19,11 +19,11 @@ from functools import cache, partial
 
 import numpy as np
 
+from deepercluster.clustering.kernels import nearest_by_column, tree_sq_distances
 from deepercluster.errors import ConfigError
 
 U32 = 2.0**-24  # unit roundoff of float32
 CANDIDATE_SLACK = 1e-9  # float64 distances this close to the minimum (x (|x| + |c|)^2) are re-checked row by row
-EXACT_ROWS = 2048  # rows per chunk of the exact distances (a float64 temporary of 2 MiB at d = 128)
 DECIDE_BYTES = 32 << 20  # float64 distance block of the near-tie re-check
 SCORE_BLOCK_BYTES = 2 << 20  # float32 score block (rows x k) of one search thread: stays in its core's L2 cache
 MIN_SEARCH_ROWS, MAX_SEARCH_ROWS = 64, 8192  # rows per score block: fewer make the BLAS products inefficient
@@ -39,32 +39,12 @@ def float32_error_bound(x_norms: np.ndarray, c_norm_max: float, dim: int) -> np.
 
 def exact_sq_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
                        dtype: type = np.float64) -> np.ndarray:
-    """``sum_k (x_ik - c_{label_i},k)^2`` in ``dtype``, summed in a fixed pairwise order (elementwise halving), so a
-    row gets the same bits whatever its batch, its position or the memory alignment. Computed in chunks of rows
-    whose temporaries stay in cache."""
+    """``sum_k (x_ik - c_{label_i},k)^2`` in ``dtype``, summed in a fixed pairwise order, so a row gets the same bits
+    whatever its batch, its position or the thread (:func:`~deepercluster.clustering.kernels.tree_sq_distances`)."""
     out = np.empty(len(x), dtype=dtype)
-    width = 1 << max(0, int(x.shape[1] - 1).bit_length())
-    buf = np.zeros((min(EXACT_ROWS, len(x)), width), dtype=dtype)  # the padding columns stay zero
-    for lo in range(0, len(x), EXACT_ROWS):
-        diff = buf[: min(EXACT_ROWS, len(x) - lo)]
-        d = diff[:, : x.shape[1]]
-        d[...] = x[lo : lo + len(diff)]
-        d -= centroids[labels[lo : lo + len(diff)]]
-        d *= d
-        out[lo : lo + len(diff)] = tree_sum_rows(diff)
+    tree_sq_distances(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(centroids, dtype=np.float32),
+                      np.asarray(labels, dtype=np.int64), out)
     return out
-
-
-def tree_sum_rows(a: np.ndarray) -> np.ndarray:
-    """Row sums of ``a`` (overwritten) by repeated halving, columns zero-padded to a power of two: only elementwise
-    additions, whose results never depend on vectorisation."""
-    width = 1 << max(0, int(a.shape[1] - 1).bit_length())
-    if width != a.shape[1]:
-        a = np.concatenate([a, np.zeros((len(a), width - a.shape[1]), dtype=a.dtype)], axis=1)
-    while width > 1:
-        width //= 2
-        a[:, :width] += a[:, width : 2 * width]
-    return a[:, 0].copy()
 
 
 def resolve_backend(device: str = "auto") -> str:
@@ -137,8 +117,9 @@ class NearestCentroid:
     """The centroids, ready to assign batches of rows to them (build one per Lloyd iteration).
 
     On CPU a batch is cut into score blocks sized for a core's L2 cache, shared out among ``threads`` threads (default:
-    numpy's BLAS threads) that each run single-threaded BLAS products and the top-2 scan of their blocks: the scans run
-    in parallel too, and small products do not pay for BLAS's thread synchronisation."""
+    numpy's BLAS threads) that each run single-threaded BLAS products and the compiled top-2 scan of their blocks
+    (:func:`~deepercluster.clustering.kernels.nearest_by_column`): the scans run in parallel too, and small products
+    do not pay for BLAS's thread synchronisation."""
 
     def __init__(self, centroids: np.ndarray, backend: str = "cpu", threads: int | None = None):
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -151,8 +132,7 @@ class NearestCentroid:
         self.c_norm_max = float(np.sqrt(self._c64_sq.max()))
         if backend == "cuda":
             self._torch = _torch_centroids(self.centroids)
-        else:  # scores x.c - |c|^2/2: one float32 product, then the row of -|c|^2/2 added
-            self._ct = np.ascontiguousarray(self.centroids.T)
+        else:  # scores c.x - |c|^2/2, centroid-major: one float32 product, then -|c|^2/2 added by the top-2 kernel
             self._neg_half_sq = (-self._c64_sq / 2).astype(np.float32)
             self._rows = int(np.clip(SCORE_BLOCK_BYTES // (4 * self.k), MIN_SEARCH_ROWS, MAX_SEARCH_ROWS))
 
@@ -195,32 +175,21 @@ class NearestCentroid:
         ``labels`` and ``dist``; rows whose second nearest centroid is within the float32 error margin are re-decided
         in float64 (all at once, after the spans), then ``rows_done`` is called on the whole range. Returns the
         number of rows re-decided."""
-        scores = np.empty((max(hi - lo for lo, hi in spans), self.k), dtype=np.float32)
+        width = max(hi - lo for lo, hi in spans)
+        block = np.empty(self.k * width, dtype=np.float32)
+        ties = np.empty(width, dtype=np.int64)
         near = []
         for lo, hi in spans:
-            s = self._scores(x[lo:hi], scores[: hi - lo])
-            best = s.argmax(1)
-            rows = np.arange(hi - lo)
-            top = s[rows, best]
-            labels[lo:hi] = best
-            np.maximum(x_sq[lo:hi] - 2 * top, 0, out=dist[lo:hi])
-            if self.k > 1:
-                s[rows, best] = -np.inf
-                gap = top - s[rows, s.argmax(1)]  # (second - nearest distance) / 2, rounded once
-                near.append(lo + self._near_ties(x_sq[lo:hi], 2 * gap))
+            scores = block[: self.k * (hi - lo)].reshape(self.k, hi - lo)
+            np.matmul(self.centroids, x[lo:hi].T, out=scores)
+            count = nearest_by_column(scores, self._neg_half_sq, x_sq[lo:hi], self._margin(x_sq[lo:hi]),
+                                      labels[lo:hi], dist[lo:hi], ties)
+            near.append(lo + ties[:count])
         rechecked = self._redecide(x, np.concatenate(near), labels) if near else 0
         if rows_done is not None:
             lo, hi = spans[0][0], spans[-1][1]
             rows_done(lo, hi, labels[lo:hi])
         return rechecked
-
-    def _scores(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``x.c_j - |c_j|^2/2`` for every row and centroid into ``out`` (rows x k). numpy's BLAS, not scipy's
-        ``sgemm`` with the bias preloaded: that one saves a pass alone, but its OpenBLAS ignores the thread limit
-        and concurrent calls from the search threads then stall each other (a Lloyd iteration 1.7x slower)."""
-        np.matmul(x, self._ct, out=out)
-        out += self._neg_half_sq
-        return out
 
     def _search_cuda(self, x: np.ndarray, x_sq: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> int:
         d, idx = _torch_top2(x, *self._torch, min(2, self.k))
@@ -228,12 +197,15 @@ class NearestCentroid:
         return self._redecide(x, self._near_ties(x_sq, d[:, 1] - d[:, 0]), labels) if self.k > 1 else 0
 
     def _near_ties(self, x_sq: np.ndarray, gap: np.ndarray) -> np.ndarray:
-        """Rows whose two float32 distances differ by less than four times the rigorous float32 error bound (taken
-        at the largest norm of the batch). ``gap``, (second - nearest) computed in float32, is within a relative
-        2^-23 of the difference of the two computed distances."""
+        """Rows whose two float32 distances differ (``gap``) by at most :meth:`_margin`."""
+        return np.flatnonzero(gap <= self._margin(x_sq))
+
+    def _margin(self, x_sq: np.ndarray) -> float:
+        """Four times the rigorous float32 error bound of a distance, taken at the largest norm of the batch: rows
+        whose two nearest float32 distances differ by at most this are re-decided in float64. A gap computed in
+        float32, (second - nearest), is within a relative 2^-23 of the difference of the two computed distances."""
         norm = np.sqrt(float(x_sq.max()) * (1 + (self.dim + 2) * U32))  # bounds every |x| above
-        margin = 4 * float(float32_error_bound(np.float64(norm), self.c_norm_max, self.dim)) * (1 + 4 * U32)
-        return np.flatnonzero(gap <= margin)
+        return 4 * float(float32_error_bound(np.float64(norm), self.c_norm_max, self.dim)) * (1 + 4 * U32)
 
     def _redecide(self, x: np.ndarray, near: np.ndarray, labels: np.ndarray) -> int:
         """Re-decide the rows ``near`` in float64, into ``labels``; returns how many."""

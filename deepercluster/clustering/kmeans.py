@@ -24,14 +24,13 @@ import numpy as np
 from scipy import sparse
 
 from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances
+from deepercluster.clustering.kernels import signed_row_sums
 from deepercluster.errors import ConfigError, DataError
 
 EPS = 1e-7
 GRID_BITS = 23  # grid step = 2^(e - GRID_BITS): every grid value is exact in float32
 MAX_ROWS = 1 << 30  # float64 sums of grid values stay exact up to this many rows
 BLOCK_ROWS = 1 << 16  # rows assigned per call for in-memory data
-MOVE_ROWS = 1 << 12  # changed rows added to the cluster sums per sparse product (float64 copy: 4 MiB at d = 128,
-# one per search thread at once)
 
 
 @dataclass
@@ -156,32 +155,13 @@ class Membership:
         t = len(touched)
         counts = np.bincount(to_new, minlength=t) - np.bincount(to_old, minlength=t)
         sums = np.zeros((t, x.shape[1]))
-        # one sparse (t x rows) product per chunk: each changed row +1 in its new cluster, -1 in its old one. Rows
-        # are converted to float64 a chunk at a time (one big conversion costs more in page faults than the sums)
-        buf = np.empty((min(MOVE_ROWS, len(changed)), x.shape[1]))
         old_of = np.full(len(changed), -1, dtype=np.int64)
         old_of[had] = to_old
-        every = len(changed) == len(x)
-        for a in range(0, len(changed), MOVE_ROWS):
-            rows = changed[a : a + MOVE_ROWS]
-            xb = buf[: len(rows)]
-            xb[...] = x[a : a + len(rows)] if every else x[rows]
-            sums += _signed_onehot(t, to_new[a : a + MOVE_ROWS], old_of[a : a + MOVE_ROWS]) @ xb
+        signed_row_sums(x, changed, to_new, old_of, sums)  # each changed row + in its new cluster, - in its old
         with self._lock:
             self.counts[touched] += counts
             self.sums[touched] += sums
         old[changed] = nw
-
-
-def _signed_onehot(k: int, new: np.ndarray, old: np.ndarray) -> sparse.csc_matrix:
-    """(k x rows) with +1 at (new[j], j) and -1 at (old[j], j) where old[j] >= 0 (old[j] != new[j])."""
-    had = old >= 0
-    indptr = np.concatenate([[0], np.cumsum(1 + had)])
-    indices, data = np.empty(indptr[-1], dtype=np.int64), np.empty(indptr[-1])
-    first = indptr[:-1]
-    indices[first], data[first] = new, 1.0
-    indices[first[had] + 1], data[first[had] + 1] = old[had], -1.0
-    return sparse.csc_matrix((data, indices, indptr), shape=(k, len(new)))
 
 
 def repair_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
@@ -218,14 +198,20 @@ def _assign_pass(source: VectorSource, centroids: np.ndarray, backend: str, memb
     sq_norms = getattr(source, "sq_norms", None)  # kept by in-memory sources; a streamed block computes its own
     for lo, xb in source.blocks():
         xb_sq = None if sq_norms is None else sq_norms[lo : lo + len(xb)]
-        if membership is None:
-            labels, dist = nc.assign(xb, xb_sq)
+        if membership is None:  # the exact distances follow in the search threads, each on its own rows
+            done = partial(_exact_rows, distance[lo : lo + len(xb)], xb, nc.centroids) if exact else None
+            labels, dist = nc.assign(xb, xb_sq, rows_done=done)
             labels_all[lo : lo + len(xb)] = labels
-            distance[lo : lo + len(xb)] = exact_sq_distances(xb, nc.centroids, labels, np.float32) if exact else dist
+            if not exact:
+                distance[lo : lo + len(xb)] = dist
         else:  # the cluster sums follow in the search threads, each on its own rows
             _, dist = nc.assign(xb, xb_sq, rows_done=partial(_move_rows, membership, lo, xb))
         approx += float(dist.sum(dtype=np.float64))
     return approx, nc.rechecked, labels_all, distance
+
+
+def _exact_rows(out: np.ndarray, xb: np.ndarray, centroids: np.ndarray, lo: int, hi: int, labels: np.ndarray) -> None:
+    out[lo:hi] = exact_sq_distances(xb[lo:hi], centroids, labels, np.float32)
 
 
 def _move_rows(membership: Membership, block_lo: int, xb: np.ndarray, lo: int, hi: int, labels: np.ndarray) -> None:

@@ -13,6 +13,7 @@ its shards at every Lloyd iteration (the "sharded" k-means), and gives the same 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ from deepercluster.clustering.whitening import (
 )
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import ConfigError, DataError
-from deepercluster.store import RunStore
+from deepercluster.store import PARQUET_ROWS, RunStore
 
 __all__ = [
     "STAGE", "LEVEL1_UNIT", "assignments_rel", "clusters_rel", "cluster_stats", "cluster_super", "finalize_cluster",
@@ -129,8 +130,8 @@ def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int, force: bool = 
         else:
             super_ids = np.zeros(n, dtype=np.int64)
             info = {"inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
-        store.write_parquet(clusters_rel(r, "super.parquet"), pd.DataFrame({"image_id": np.arange(n),
-                                                                           "super": super_ids.astype(np.int32)}))
+        store.write_parquet(clusters_rel(r, "super.parquet"), {"image_id": np.arange(n),
+                                                              "super": super_ids.astype(np.int32)})
         store.mark_done(STAGE, r, LEVEL1_UNIT, info)
         release()
     done = set(store.done_units(STAGE, r))
@@ -156,33 +157,35 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
         _save_npy(store, clusters_rel(r, f"sub-{s:04d}_centroids.npy"), res.centroids)
         info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
                 "streamed": streamed, "rechecked": res.rechecked}
-    store.write_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"),
-                        pd.DataFrame({"image_id": ids, "sub": sub.astype(np.int32), "distance": dist}))
+    store.write_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"), {"image_id": ids, "sub": sub, "distance": dist})
     store.mark_done(STAGE, r, unit, info)
     release()
     return info
 
 
 def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
-    """Merge the level-2 units into ``assignments.parquet``; write ``stats.json`` and the size histogram."""
+    """Merge the level-2 units into ``assignments.parquet``; write ``stats.json`` and the size histogram. Columns
+    are read and written a row group at a time: beside them, only the per-image super and sub ids and distances are
+    held (12 bytes per image)."""
     m, k = cfg.cluster.super_clusters, cfg.cluster.k
     bound_heap()
-    supers = store.read_parquet(clusters_rel(r, "super.parquet"), columns=["super"])["super"].to_numpy()
+    supers = store.read_parquet(clusters_rel(r, "super.parquet"), columns=["super"])["super"].to_numpy(np.int32)
     n = len(supers)
-    sub, distance = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
+    sub, distance = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.float32)
     for s in range(m):  # each part: the members of one super-cluster, by image_id
-        part = store.read_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"))
-        ids = part["image_id"].to_numpy()
-        sub[ids], distance[ids] = part["sub"].to_numpy(), part["distance"].to_numpy()
-        del part, ids
+        for part in store.iter_parquet(clusters_rel(r, f"sub-{s:04d}.parquet")):
+            ids = part["image_id"].to_numpy()
+            sub[ids], distance[ids] = part["sub"].to_numpy(), part["distance"].to_numpy()
     release()
-    supers = supers.astype(np.int64)
-    a = pd.DataFrame({"image_id": np.arange(n), "super": supers, "sub": sub, "target": supers * k + sub,
-                      "distance": distance})
-    del sub, distance
-    store.write_parquet(assignments_rel(r), a)
-    sizes = np.bincount(a["target"].to_numpy(), minlength=m * k)
-    stats = cluster_stats(a["target"].to_numpy(), m * k)
+    store.write_parquet_parts(assignments_rel(r), _assignment_parts(supers, sub, distance, k))
+    sizes = np.zeros(m * k, dtype=np.int64)
+    for lo in range(0, n, PARQUET_ROWS):
+        sizes += np.bincount(supers[lo : lo + PARQUET_ROWS].astype(np.int64) * k + sub[lo : lo + PARQUET_ROWS],
+                             minlength=m * k)
+    super_sizes = np.bincount(supers, minlength=m).tolist()
+    del supers, sub, distance
+    release()
+    stats = cluster_stats(sizes)
     level1 = store.done_record(STAGE, r, LEVEL1_UNIT)
     units = [store.done_record(STAGE, r, super_unit(s)) for s in range(m)]
     stats.update(
@@ -192,7 +195,7 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
                 "repairs": int(sum(u["repairs"] for u in units)),
                 "clamped": [s for s, u in enumerate(units) if u["k"] < k],
                 "streamed": [s for s, u in enumerate(units) if u.get("streamed")]},
-        super_sizes=np.bincount(supers, minlength=m).tolist(),
+        super_sizes=super_sizes,
         rechecked=int(level1.get("rechecked", 0) + sum(u.get("rechecked", 0) for u in units)),
         histogram=HISTOGRAM,
     )
@@ -202,8 +205,19 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
     return stats
 
 
-def cluster_stats(targets: np.ndarray, n_targets: int) -> dict:
-    sizes = np.bincount(targets, minlength=n_targets)
+def _assignment_parts(supers: np.ndarray, sub: np.ndarray, distance: np.ndarray, k: int,
+                      rows: int = PARQUET_ROWS) -> Iterator[pd.DataFrame]:
+    """``assignments.parquet``'s rows in parts (image_id, super, sub, target, distance): never all at once."""
+    for lo in range(0, max(len(supers), 1), rows):
+        hi = min(lo + rows, len(supers))
+        s, c = supers[lo:hi].astype(np.int64), sub[lo:hi].astype(np.int64)
+        yield pd.DataFrame({"image_id": np.arange(lo, hi), "super": s, "sub": c, "target": s * k + c,
+                            "distance": distance[lo:hi]})
+
+
+def cluster_stats(sizes: np.ndarray) -> dict:
+    """Summary of the cluster sizes (images per target)."""
+    n_targets = len(sizes)
     nonempty = sizes[sizes > 0]
     p = nonempty / nonempty.sum()
     return {
