@@ -25,7 +25,7 @@ from deepercluster.errors import ConfigError
 U32 = 2.0**-24  # unit roundoff of float32
 CANDIDATE_SLACK = 1e-9  # float64 distances this close to the minimum (x (|x| + |c|)^2) are re-checked row by row
 DECIDE_BYTES = 32 << 20  # float64 distance block of the near-tie re-check
-SCORE_BLOCK_BYTES = 2 << 20  # float32 score block (rows x k) of one search thread: stays in its core's L2 cache
+SCORE_BLOCK_BYTES = 2 << 20  # float32 score block (k x rows) of one search thread: stays in its core's L2 cache
 MIN_SEARCH_ROWS, MAX_SEARCH_ROWS = 64, 8192  # rows per score block: fewer make the BLAS products inefficient
 
 
