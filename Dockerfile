@@ -8,6 +8,7 @@ COPY deepercluster ./deepercluster
 COPY flows ./flows
 COPY tasks ./tasks
 COPY deployments ./deployments
+COPY deployments/dask.yaml /etc/dask/deepercluster.yaml
 RUN pip install ".[gpu,s3]" \
  && useradd --create-home --uid 1000 deepercluster \
  && chown -R deepercluster /app

@@ -2,7 +2,8 @@
 
 For each network (the small CPU net and ResNet-18, 64 px by default):
   (a) pure forward: random tensors of the extract batch shape through the body in ``torch.inference_mode``,
-      in this process (torch's default threads) and on the Dask workers (all at once, one thread each);
+      in this process (torch's default threads) and on the Dask workers (all at once, each with the torch threads
+      the stage uses there: its task threads);
   (b) the extract stage end to end, from image files to ``features.zarr`` (decode, clustering view, forward,
       float16, zarr write, completion records): in this process (``run_extract_stage``), on the Dask
       LocalCluster (``extract_shards`` per group of shards, no Prefect) and as the Prefect flow on that cluster;
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 
 from deepercluster.config import PipelineConfig, RuntimeConfig, build_config  # noqa: E402
 from deepercluster.data.shard import run_shard_stage  # noqa: E402
+from deepercluster.device import cpu_compute  # noqa: E402
 from deepercluster.features import (  # noqa: E402
     extract_shards,
     finalize_extract,
@@ -71,14 +73,15 @@ def pure_forward(cfg_json: str, batch: int, n_images: int) -> tuple[int, float, 
     cfg = PipelineConfig.model_validate_json(cfg_json)
     net = LayerFeatures(build_body(cfg.model, seed=0), cfg.extract.layer).eval()
     x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size)
-    with torch.inference_mode():
+    with cpu_compute(), torch.inference_mode():  # the torch threads the stage uses here (a Dask worker's cores)
         net(x)
         start = time.perf_counter()
         done = 0
         while done < n_images:
             net(x).to(torch.float16)
             done += batch
-    return done, time.perf_counter() - start, torch.get_num_threads()
+        threads = torch.get_num_threads()
+    return done, time.perf_counter() - start, threads
 
 
 def stage_in_process(store: RunStore, cfg: PipelineConfig) -> float:
@@ -126,7 +129,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--archs", default="smallnet,resnet18")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=RuntimeConfig().dask_workers,
+                   help="LocalCluster workers (default: the pipeline's default layout)")
     p.add_argument("--no-flow", action="store_true", help="skip the Prefect flow measurement")
     args = p.parse_args()
 
@@ -166,7 +170,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in t.items() if v}
             a = max(med["a_proc"], med["a_dask"])
             print(f"\n{arch} @ {args.size}px  (in-process torch threads {threads}, Dask workers {args.workers} x "
-                  f"{worker_threads} thread)")
+                  f"{worker_threads} torch threads)")
             print(f"  (a) pure forward, this process   {med['a_proc']:8.1f} img/s {spread(t['a_proc'])}")
             print(f"  (a) pure forward, Dask workers   {med['a_dask']:8.1f} img/s {spread(t['a_dask'])}")
             for k, label in (("b_proc", "stage in this process"), ("b_dask", "stage on Dask (library)"),

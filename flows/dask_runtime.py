@@ -31,8 +31,8 @@ def dask_scheduler(runtime: RuntimeConfig, address: str | None = None) -> Iterat
         with local_gpu_cluster(runtime.dask_workers, env) as gpu_address:
             yield gpu_address
         return
-    with LocalCluster(n_workers=runtime.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.WARNING, env=env) as cluster:
+    with full_speed_malloc(), LocalCluster(n_workers=runtime.dask_workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.WARNING, env=env) as cluster:
         yield cluster.scheduler_address
 
 
@@ -51,8 +51,24 @@ def local_gpu_cluster(n_workers: int, env: dict[str, str]) -> Iterator[str]:
     workers = {f"gpu-{i}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}, "env": {**env, **d}}}
                for i, d in enumerate(devices)}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
-    with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING) as cluster:
+    with full_speed_malloc(), SpecCluster(workers=workers, scheduler=scheduler,
+                                          silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address
+
+
+@contextmanager
+def full_speed_malloc() -> Iterator[None]:
+    """Workers started inside get no ``MALLOC_TRIM_THRESHOLD_`` (Dask's default sets 65536): setting it turns off
+    glibc's adaptive mmap threshold, so every large tensor torch allocates is a fresh mmap whose pages fault in
+    again; measured on 2 CPUs, ResNet-18's forward at 64 px ran 30% slower with it (381 vs 541 images/s). A value
+    an earlier nanny of this process leaked into ``os.environ`` (Dask sets it there before spawning) is dropped."""
+    import dask
+
+    key = "MALLOC_TRIM_THRESHOLD_"
+    if os.environ.get(key) == str(dask.config.get(f"distributed.nanny.pre-spawn-environ.{key}", None)):
+        del os.environ[key]
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": None}):
+        yield
 
 
 def require_resources(address: str, resources: dict[str, int], setting: str) -> None:

@@ -137,3 +137,20 @@ def test_every_image_is_pinned():
     docker_pool = yaml.safe_load((ROOT / "deployments" / "prefect-docker.yaml").read_text())
     assert docker_pool["definitions"]["work_pool"]["job_variables"]["image"] == f"deepercluster:{version}"
     assert re.search(r"^FROM python:3\.11\.\d+-slim-\w+$", (ROOT / "Dockerfile").read_text(), re.M)
+
+
+def test_image_workers_start_without_the_malloc_trim_threshold(monkeypatch):
+    """The image installs deployments/dask.yaml in /etc/dask/: nannies then spawn workers without Dask's
+    MALLOC_TRIM_THRESHOLD_ (it made torch's CPU forward 30% slower), and keep the other per-worker variables."""
+    import dask
+    from distributed.nanny import _get_env_variables
+
+    assert re.search(r"^COPY deployments/dask\.yaml /etc/dask/\S+\.yaml$", (ROOT / "Dockerfile").read_text(), re.M)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    key = "distributed.nanny.pre-spawn-environ"
+    assert "MALLOC_TRIM_THRESHOLD_" in _get_env_variables(key)  # Dask's default
+    image = dask.config.update(copy.deepcopy(dask.config.config), yaml.safe_load((ROOT / "deployments" /
+                                                                             "dask.yaml").read_text()))
+    with dask.config.set(image):  # as Dask merges /etc/dask/*.yaml over its defaults
+        env = _get_env_variables(key)
+    assert "MALLOC_TRIM_THRESHOLD_" not in env and env["OMP_NUM_THREADS"] == "1"

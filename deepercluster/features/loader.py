@@ -1,12 +1,11 @@
 """Decoding ahead of the forward pass: batches of one shard's images, decoded in threads, yielded in order.
 
 Threads rather than DataLoader worker processes: Dask worker processes are daemonic (they cannot fork children),
-and PIL releases the GIL while it decodes, so threads overlap decoding with the forward pass. Per image, only the
-decoding runs (in the threads, to uint8 pixels at the image's own size); the clustering view's geometry (resize +
-centre crop: the same torchvision transforms, on uint8 tensors, antialiased as PIL resizes) runs once per run of
-same-size images of a batch, and the pixel part (ToTensor + Normalize) once per batch, on the device for CUDA:
-torch does both without the GIL and in its own threads, where per-image PIL calls would cost more Python than
-decoding small images does.
+and PIL releases the GIL while it decodes and resizes, so threads overlap. Per image, the threads run the
+clustering view's geometry in PIL (decode, resize, centre crop: the reference transforms' own algorithm, bit for
+bit, and cheaper per image than torch's batched uint8 resize on small images) into one uint8 batch; the pixel
+part (ToTensor + Normalize) runs once per batch, on the device for CUDA: torch does it without the GIL and in its
+own threads, where per-image ToTensor calls would cost more Python than decoding small images does.
 """
 
 from __future__ import annotations
@@ -16,58 +15,53 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torchvision import transforms as T
+from PIL import Image
 
 from deepercluster.data.images import decode, read_bytes, read_many
-from deepercluster.data.transforms import PAPER_CROP_RATIO, clustering_view
+from deepercluster.data.transforms import MEAN, PAPER_CROP_RATIO, STD
 from deepercluster.errors import DataError
 from deepercluster.prefetch import read_ahead
 
 
 class HostView:
-    """The clustering view split in three: decoding per image, geometry per run of same-size images, then
-    normalisation per batch."""
+    """The clustering view (``clustering_view``: Resize(size / crop_ratio) of the short side, bilinear, then
+    CenterCrop(size)) split in two: geometry per image (PIL, in the decode threads), normalisation per batch."""
 
     def __init__(self, image_size: int, crop_ratio: float = PAPER_CROP_RATIO):
-        view = clustering_view(image_size, crop_ratio)
-        norm = [t for t in view.transforms if isinstance(t, T.Normalize)]
-        self.geometry = T.Compose([t for t in view.transforms if not isinstance(t, T.ToTensor | T.Normalize)])
-        self.mean = tuple(norm[0].mean) if norm else (0.0, 0.0, 0.0)
-        self.std = tuple(norm[0].std) if norm else (1.0, 1.0, 1.0)
         self.size = image_size
+        self.short = round(image_size / crop_ratio)
+        self.mean, self.std = MEAN, STD
         s = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * s)
         self._shift = -torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1) / s
+        self._plans: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int, int, int]]] = {}
 
-    def decoded(self, uri: str, data: bytes | None = None) -> np.ndarray:
-        """HWC uint8 of one image (RGB, upright, at its own size) from its bytes ``data`` (read from ``uri`` when
-        not given)."""
+    def _plan(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """Resized size and crop box of a ``w`` x ``h`` image, as torchvision's Resize(int) + CenterCrop compute
+        them."""
+        plan = self._plans.get((w, h))
+        if plan is None:
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.short * long / short)
+            rw, rh = (self.short, new_long) if w <= h else (new_long, self.short)
+            if min(rw, rh) < self.size:
+                raise DataError(f"image_size / crop_ratio ({self.short}) is below image_size ({self.size})")
+            top, left = int(round((rh - self.size) / 2.0)), int(round((rw - self.size) / 2.0))
+            plan = self._plans[(w, h)] = ((rw, rh), (left, top, left + self.size, top + self.size))
+        return plan
+
+    def pixels(self, uri: str, data: bytes | None = None) -> np.ndarray:
+        """HWC uint8 of one image's view (RGB, upright, resized and centre-cropped) from its bytes ``data`` (read
+        from ``uri`` when not given)."""
         try:
-            return np.asarray(decode(read_bytes(uri) if data is None else data), dtype=np.uint8)
+            img = decode(read_bytes(uri) if data is None else data)
         except Exception as err:  # the manifest said it was readable: say which file and what to do
             raise DataError(f"cannot read {uri} for extraction ({err.__class__.__name__}: {err}); restore it or "
                             "rerun the shard stage with --force") from None
-
-    def geometry_into(self, images: Sequence[np.ndarray], out: torch.Tensor, uris: Sequence[str]) -> None:
-        """Resize + centre crop ``images`` (HWC uint8, any sizes) into ``out`` (N x size x size x 3 uint8), one
-        batched call per run of consecutive same-size images."""
-        i = 0
-        while i < len(images):
-            j = i + 1
-            while j < len(images) and images[j].shape == images[i].shape:
-                j += 1
-            x = torch.from_numpy(np.stack(images[i:j])).permute(0, 3, 1, 2)  # NCHW view of NHWC: channels-last
-            y = self.geometry(x)
-            if y.shape[-2:] != (self.size, self.size):
-                raise DataError(f"the clustering view of {uris[i]} is not {self.size}x{self.size}")
-            out[i:j] = y.permute(0, 2, 3, 1)
-            i = j
-
-    def pixels(self, uri: str, data: bytes | None = None) -> np.ndarray:
-        """HWC uint8 of one image's view (RGB, upright, resized and centre-cropped)."""
-        out = torch.empty((1, self.size, self.size, 3), dtype=torch.uint8)
-        self.geometry_into([self.decoded(uri, data)], out, [uri])
-        return out[0].numpy()
+        size, box = self._plan(*img.size)
+        if img.size != size:
+            img = img.resize(size, Image.BILINEAR)
+        return np.asarray(img.crop(box))
 
     def normalise(self, nhwc: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> float32 NCHW contiguous, ``(x / 255 - mean) / std`` (what ToTensor + Normalize give)."""
@@ -106,25 +100,25 @@ class BatchLoader:
             raise DataError(f"cannot read the images {uris[0]} .. {uris[-1]} for extraction ({err.__class__.__name__}"
                             f": {err}); restore them or rerun the shard stage with --force") from None
 
-    def _decode(self, lo: int, blobs: list[bytes], images: list[np.ndarray | None], rows: range) -> None:
-        """Decode the images ``rows`` of the batch starting at row ``lo`` into ``images``."""
-        for i in rows:
-            images[i] = self.view.decoded(self.uris[lo + i], blobs[i])
+    def _empty(self, n: int) -> torch.Tensor:
+        return torch.empty((n, self.view.size, self.view.size, 3), dtype=torch.uint8)
 
-    def _assemble(self, lo: int, images: list[np.ndarray]) -> torch.Tensor:
-        """The batch from its decoded images: uint8 NHWC (pinned on a CUDA machine), or float32 NCHW normalised."""
-        s = self.view.size
-        out = torch.empty((len(images), s, s, 3), dtype=torch.uint8)
-        self.view.geometry_into(images, out, self.uris[lo : lo + len(images)])
+    def _decode(self, lo: int, blobs: list[bytes], out: np.ndarray, rows: range) -> None:
+        """The views of the images ``rows`` of the batch starting at row ``lo``, into ``out`` (NHWC uint8)."""
+        for i in rows:
+            out[i] = self.view.pixels(self.uris[lo + i], blobs[i])
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC (pinned on a CUDA machine) for the device to normalise, or float32 NCHW normalised here."""
         if not self.raw:
             return self.view.normalise(out)
         return out.pin_memory() if torch.cuda.is_available() else out
 
     def _batch(self, lo: int) -> torch.Tensor:
         blobs = self._read(lo)
-        images: list[np.ndarray | None] = [None] * len(blobs)
-        self._decode(lo, blobs, images, range(len(blobs)))
-        return self._assemble(lo, images)  # type: ignore[arg-type]
+        out = self._empty(len(blobs))
+        self._decode(lo, blobs, out.numpy(), range(len(blobs)))
+        return self._finish(out)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         starts = range(0, len(self.uris), self.batch_size)
@@ -133,9 +127,9 @@ class BatchLoader:
             return
         with ThreadPoolExecutor(self.threads, thread_name_prefix="decode") as pool:
             for lo, blobs in read_ahead(self._read, starts, depth=self.prefetch, threads=1, name="read"):
-                images: list[np.ndarray | None] = [None] * len(blobs)
+                out = self._empty(len(blobs))
                 step = -(-len(blobs) // self.threads)
                 parts = [range(a, min(a + step, len(blobs))) for a in range(0, len(blobs), step)]
-                for f in [pool.submit(self._decode, lo, blobs, images, rows) for rows in parts]:
+                for f in [pool.submit(self._decode, lo, blobs, out.numpy(), rows) for rows in parts]:
                     f.result()
-                yield lo, self._assemble(lo, images)  # type: ignore[arg-type]
+                yield lo, self._finish(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import torch
 from deepercluster.config import PipelineConfig
 from deepercluster.data.repack import packed_uris
 from deepercluster.data.shard import MANIFEST, load_manifest, shard_ids
-from deepercluster.device import resolve_device
+from deepercluster.device import cpu_compute, resolve_device
 from deepercluster.errors import DataError, StoreError
 from deepercluster.features.array import create_features, features_group_rel, open_features, seal_features
 from deepercluster.features.loader import BatchLoader, HostView
@@ -120,7 +121,8 @@ def extract_shards(store: RunStore, cfg: PipelineConfig, r: int, shards: Sequenc
     spans = [shard_rows(store, s) for s in todo]
     model = load_round_model(store, cfg, r, resolve_device(cfg.runtime.device))
     try:
-        _stream(store, cfg, r, model, spans, todo, start)
+        with nullcontext() if model.cuda else cpu_compute():  # on CPU: one stream per process, on all its cores
+            _stream(store, cfg, r, model, spans, todo, start)
     except DataError:  # an unreadable image: the other shards of the group are still extracted, then it fails
         if len(todo) == 1:
             raise
