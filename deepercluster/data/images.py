@@ -47,9 +47,14 @@ def _open(url: str):
     return fsspec.open(url, "rb")
 
 
+def _tar_member(uri: str) -> re.Match[str] | None:
+    """The parts (member, offset, size, url) of a tar member URI, None for any other URI."""
+    return _TAR_MEMBER.match(uri) if uri.startswith("tar://") else None
+
+
 def read_bytes(uri: str) -> bytes:
     """The bytes at ``uri``: any fsspec URL, or a tar member URI (see :func:`tar_member_uri`)."""
-    m = _TAR_MEMBER.match(uri) if uri.startswith("tar://") else None
+    m = _tar_member(uri)
     if m is None:
         with _open(uri) as f:
             return f.read()
@@ -64,7 +69,7 @@ def read_many(uris: list[str], max_gap: int = 1 << 16) -> list[bytes]:
     out: list[bytes] = []
     i = 0
     while i < len(uris):
-        m = _TAR_MEMBER.match(uris[i]) if uris[i].startswith("tar://") else None
+        m = _tar_member(uris[i])
         if m is None:
             out.append(read_bytes(uris[i]))
             i += 1
@@ -72,7 +77,7 @@ def read_many(uris: list[str], max_gap: int = 1 << 16) -> list[bytes]:
         spans = [(int(m["offset"]), int(m["size"]))]
         j = i + 1
         while j < len(uris):
-            n = _TAR_MEMBER.match(uris[j]) if uris[j].startswith("tar://") else None
+            n = _tar_member(uris[j])
             if n is None or n["url"] != m["url"]:
                 break
             offset, size = int(n["offset"]), int(n["size"])
