@@ -133,7 +133,17 @@ class RunStore:
         try:
             return self.fs.cat_file(self.path(rel))
         except FileNotFoundError:
-            raise StoreError(f"{self.url(rel)} is missing: run the stage that makes it first") from None
+            raise self._missing(rel) from None
+
+    def _missing(self, rel: str) -> StoreError:
+        return StoreError(f"{self.url(rel)} is missing: run the stage that makes it first")
+
+    def _open_existing(self, rel: str) -> BinaryIO:
+        """``rel`` opened for reading; a clear error when it does not exist."""
+        try:
+            return self.fs.open(self.path(rel), "rb")
+        except FileNotFoundError:
+            raise self._missing(rel) from None
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
@@ -184,21 +194,15 @@ class RunStore:
         """The parquet file ``rel`` row group by row group (only ``columns`` when given)."""
         import pyarrow.parquet as pq
 
-        try:
-            with self.fs.open(self.path(rel), "rb") as f:
-                reader = pq.ParquetFile(f)
-                for group in range(reader.num_row_groups):
-                    yield reader.read_row_group(group, columns=columns).to_pandas()
-        except FileNotFoundError:
-            raise StoreError(f"{self.url(rel)} is missing: run the stage that makes it first") from None
+        with self._open_existing(rel) as f:
+            reader = pq.ParquetFile(f)
+            for group in range(reader.num_row_groups):
+                yield reader.read_row_group(group, columns=columns).to_pandas()
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pd.DataFrame:
         """The parquet file ``rel`` (only ``columns`` when given: the others are not read)."""
-        try:
-            with self.fs.open(self.path(rel), "rb") as f:
-                return pd.read_parquet(f, columns=columns)
-        except FileNotFoundError:
-            raise StoreError(f"{self.url(rel)} is missing: run the stage that makes it first") from None
+        with self._open_existing(rel) as f:
+            return pd.read_parquet(f, columns=columns)
 
     def save_torch(self, rel: str, obj: Any) -> None:
         import torch

@@ -21,7 +21,6 @@ from functools import partial
 from typing import Protocol
 
 import numpy as np
-from scipy import sparse
 
 from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances
 from deepercluster.clustering.kernels import signed_row_sums
@@ -112,11 +111,12 @@ def check_finite(x: np.ndarray, what: str) -> None:
 
 
 def cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster float64 sums and counts of the rows of ``x``. Exact (so order-free) for grid values: a sparse
-    one-hot (k x n) times ``x`` in float64."""
+    """Per-cluster float64 sums and counts of the rows of ``x`` (float32). Exact (so order-free) for grid values."""
+    sums = np.zeros((k, x.shape[1]))
     n = len(assign)
-    onehot = sparse.csc_matrix((np.ones(n), assign, np.arange(n + 1)), shape=(k, n))
-    return np.asarray(onehot @ x, dtype=np.float64), np.bincount(assign, minlength=k)
+    signed_row_sums(np.ascontiguousarray(x, dtype=np.float32), np.arange(n), np.asarray(assign, dtype=np.int64),
+                    np.full(n, -1, dtype=np.int64), sums)
+    return sums, np.bincount(assign, minlength=k)
 
 
 @dataclass
