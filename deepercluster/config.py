@@ -96,7 +96,9 @@ class ModelConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="images per forward pass; a batch never mixes two image shards (so "
+                            "a resumed run's features equal an uninterrupted run's bit for bit): a data.shard_size "
+                            "that is a multiple of it keeps every batch full")
     layer: str = Field("output", description="'output' (the body's feature layer: fc7 pre-ReLU for VGG/AlexNet, "
                        "pooled last conv for ResNet) or a module of the body, e.g. 'trunk.layer3' (conv maps are "
                        "average-pooled)")

@@ -69,9 +69,24 @@ class HostView:
         return x.contiguous()
 
 
+def batch_spans(n: int, batch_size: int, ends: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """``(lo, hi)`` of consecutive batches of ``n`` rows; no batch crosses one of ``ends`` (a shard's end row in a
+    stream of several shards), so a shard's batches, hence its features, are the same whichever shards share its
+    stream: the forward pass's float rounding depends on the batch's composition, and a resumed run must give
+    the features of an uninterrupted one."""
+    spans = []
+    lo = 0
+    for end in sorted({min(int(e), n) for e in ends} | {n}):
+        while lo < end:
+            spans.append((lo, min(lo + batch_size, end)))
+            lo = spans[-1][1]
+    return spans
+
+
 class BatchLoader:
-    """Yields ``(first_row, batch)`` for consecutive batches of ``uris``. ``on_device_normalise``: batches stay
-    uint8 NHWC (pinned) for the device to normalise.
+    """Yields ``(first_row, batch)`` for consecutive batches of ``uris``; ``ends``: rows that end a segment (a
+    shard), which no batch crosses. ``on_device_normalise``: batches stay uint8 NHWC (pinned) for the device to
+    normalise.
 
     Two schedules. ``overlap`` (for a GPU, whose forward pass leaves the CPU free): ``prefetch`` batches decode in
     ``threads`` threads while the device runs. Otherwise (the CPU is the device): the bytes of the next batches
@@ -80,20 +95,20 @@ class BatchLoader:
     running beside 2 torch threads slow the forward pass more than the decoding they overlap)."""
 
     def __init__(self, uris: Sequence[str], view: HostView, batch_size: int, threads: int = 2, prefetch: int = 2,
-                 on_device_normalise: bool = False, overlap: bool | None = None):
+                 on_device_normalise: bool = False, overlap: bool | None = None, ends: Sequence[int] = ()):
         self.uris = list(uris)
         self.view = view
-        self.batch_size = batch_size
+        self.spans = batch_spans(len(self.uris), batch_size, ends)
         self.threads = threads
         self.prefetch = max(prefetch, threads)
         self.raw = on_device_normalise
         self.overlap = on_device_normalise if overlap is None else overlap
 
     def __len__(self) -> int:
-        return -(-len(self.uris) // self.batch_size)
+        return len(self.spans)
 
-    def _read(self, lo: int) -> list[bytes]:
-        uris = self.uris[lo : lo + self.batch_size]
+    def _read(self, span: tuple[int, int]) -> list[bytes]:
+        uris = self.uris[span[0] : span[1]]
         try:
             return read_many(uris)  # a packed shard's batch: one sequential read of its tar
         except Exception as err:
@@ -114,19 +129,20 @@ class BatchLoader:
             return self.view.normalise(out)
         return out.pin_memory() if torch.cuda.is_available() else out
 
-    def _batch(self, lo: int) -> torch.Tensor:
-        blobs = self._read(lo)
+    def _batch(self, span: tuple[int, int]) -> torch.Tensor:
+        blobs = self._read(span)
         out = self._empty(len(blobs))
-        self._decode(lo, blobs, out.numpy(), range(len(blobs)))
+        self._decode(span[0], blobs, out.numpy(), range(len(blobs)))
         return self._finish(out)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        starts = range(0, len(self.uris), self.batch_size)
         if self.overlap:
-            yield from read_ahead(self._batch, starts, depth=self.prefetch, threads=self.threads, name="decode")
+            for (lo, _), batch in read_ahead(self._batch, self.spans, depth=self.prefetch, threads=self.threads,
+                                             name="decode"):
+                yield lo, batch
             return
         with ThreadPoolExecutor(self.threads, thread_name_prefix="decode") as pool:
-            for lo, blobs in read_ahead(self._read, starts, depth=self.prefetch, threads=1, name="read"):
+            for (lo, _), blobs in read_ahead(self._read, self.spans, depth=self.prefetch, threads=1, name="read"):
                 out = self._empty(len(blobs))
                 step = -(-len(blobs) // self.threads)
                 parts = [range(a, min(a + step, len(blobs))) for a in range(0, len(blobs), step)]

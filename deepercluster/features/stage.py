@@ -68,9 +68,10 @@ def shard_rows(store: RunStore, shard: int) -> tuple[int, int, list[str]]:
     return lo, hi, packed if packed is not None else rows["uri"].tolist()
 
 
-def _loader(uris: list[str], model: FeatureModel, cfg: PipelineConfig) -> BatchLoader:
+def _loader(uris: list[str], model: FeatureModel, cfg: PipelineConfig, ends: Sequence[int] = ()) -> BatchLoader:
     return BatchLoader(uris, HostView(cfg.data.image_size, cfg.data.crop_ratio), cfg.extract.batch_size,
-                       cfg.extract.decode_threads, cfg.extract.prefetch_batches, on_device_normalise=model.cuda)
+                       cfg.extract.decode_threads, cfg.extract.prefetch_batches, on_device_normalise=model.cuda,
+                       ends=ends)
 
 
 def _features(model: FeatureModel, loader: BatchLoader) -> Iterator[tuple[int, torch.Tensor]]:
@@ -153,7 +154,7 @@ def _stream(store: RunStore, cfg: PipelineConfig, r: int, model: FeatureModel, s
         buffers[k] = None
 
     with ThreadPoolExecutor(1, thread_name_prefix="zarr-write") as writer:
-        for row, f in _features(model, _loader(uris, model, cfg)):
+        for row, f in _features(model, _loader(uris, model, cfg, ends)):
             f = f.numpy()
             while len(f):
                 k = int(np.searchsorted(ends, row, side="right"))
