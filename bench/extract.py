@@ -20,7 +20,9 @@ machine shows.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -140,6 +142,7 @@ def main() -> None:
     from flows.dask_runtime import dask_scheduler
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the images and runs go when the bench ends
     source = image_source(args.images, tmp)
     print(f"images: {args.images} from {source}, {args.size} px, batch {args.batch}, shards of {args.shard_size}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")

@@ -72,11 +72,12 @@ def stage_on_dask(folder: Path, run: Path, workers: int) -> tuple[int, float, fl
     from deepercluster.config import build_config
     from deepercluster.data.shard import finalize_manifest, list_source, scan_part
     from deepercluster.store import RunStore
+    from flows.dask_runtime import full_speed_malloc
 
     cfg = build_config({"data": {"source": str(folder)}, "cluster": {"k": 1, "super_clusters": 1}}).data
     t0 = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with full_speed_malloc(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,  # as the pipeline's
+                                           dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("deepercluster.data.shard"))  # workers import the library once
         startup = time.perf_counter() - t0
         cpu0 = sum(client.run(_cpu_seconds).values()) + time.process_time()
