@@ -155,18 +155,14 @@ def _stream(store: RunStore, cfg: PipelineConfig, r: int, model: FeatureModel, s
 
     with ThreadPoolExecutor(1, thread_name_prefix="zarr-write") as writer:
         for row, f in _features(model, _loader(uris, model, cfg, ends)):
-            f = f.numpy()
-            while len(f):
-                k = int(np.searchsorted(ends, row, side="right"))
-                first = 0 if k == 0 else int(ends[k - 1])
-                n = min(len(f), int(ends[k]) - row)
-                if buffers[k] is None:
-                    buffers[k] = np.empty((int(ends[k]) - first, f.shape[1]), dtype=np.float16)
-                buffers[k][row - first : row - first + n] = f[:n]
-                filled[k] += n
-                if filled[k] == len(buffers[k]):
-                    writes.append(writer.submit(write, k))
-                row, f = row + n, f[n:]
+            k = int(np.searchsorted(ends, row, side="right"))  # the batch's shard: no batch crosses a shard's end
+            first = 0 if k == 0 else int(ends[k - 1])
+            if buffers[k] is None:
+                buffers[k] = np.empty((int(ends[k]) - first, f.shape[1]), dtype=np.float16)
+            buffers[k][row - first : row - first + len(f)] = f.numpy()
+            filled[k] += len(f)
+            if filled[k] == len(buffers[k]):
+                writes.append(writer.submit(write, k))
         for w in writes:
             w.result()  # a failed write fails the task (its shard has no record: a rerun redoes it)
 
