@@ -249,6 +249,11 @@ def test_hierarchical_cluster_stage(extracted):
     assert a["super"].between(0, 2).all() and a["sub"].between(0, 3).all()
     assert (a["target"] == a["super"] * 4 + a["sub"]).all()
     assert stats["targets"] == 12 and stats["images"] == 240 and sum(stats["super_sizes"]) == 240
+    # the sizes counted while assignments.parquet is written are the written file's
+    assert stats["super_sizes"] == np.bincount(a["super"], minlength=3).tolist()
+    sizes = np.bincount(a["target"], minlength=12)
+    assert stats["non_empty"] == (sizes > 0).sum() and stats["size_max"] == sizes.max()
+    assert stats["size_min"] == sizes[sizes > 0].min()
     assert _cluster_units(store) == ["level1", "super-0000", "super-0001", "super-0002"]
     for rel in ("pca.npz", "super_centroids.npy", "sub-0002_centroids.npy", "whitened.zarr/zarr.json"):
         assert store.exists(clusters_rel(0, rel)), rel

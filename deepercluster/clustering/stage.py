@@ -177,12 +177,8 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
             ids = part["image_id"].to_numpy()
             sub[ids], distance[ids] = part["sub"].to_numpy(), part["distance"].to_numpy()
     release()
-    store.write_parquet_parts(assignments_rel(r), _assignment_parts(supers, sub, distance, k))
     sizes = np.zeros(m * k, dtype=np.int64)
-    for lo in range(0, n, PARQUET_ROWS):
-        sizes += np.bincount(supers[lo : lo + PARQUET_ROWS].astype(np.int64) * k + sub[lo : lo + PARQUET_ROWS],
-                             minlength=m * k)
-    super_sizes = np.bincount(supers, minlength=m).tolist()
+    store.write_parquet_parts(assignments_rel(r), _assignment_parts(supers, sub, distance, k, sizes))
     del supers, sub, distance
     release()
     stats = cluster_stats(sizes)
@@ -195,7 +191,7 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
                 "repairs": int(sum(u["repairs"] for u in units)),
                 "clamped": [s for s, u in enumerate(units) if u["k"] < k],
                 "streamed": [s for s, u in enumerate(units) if u.get("streamed")]},
-        super_sizes=super_sizes,
+        super_sizes=sizes.reshape(m, k).sum(1).tolist(),
         rechecked=int(level1.get("rechecked", 0) + sum(u.get("rechecked", 0) for u in units)),
         histogram=HISTOGRAM,
     )
@@ -205,13 +201,16 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
     return stats
 
 
-def _assignment_parts(supers: np.ndarray, sub: np.ndarray, distance: np.ndarray, k: int,
+def _assignment_parts(supers: np.ndarray, sub: np.ndarray, distance: np.ndarray, k: int, sizes: np.ndarray,
                       rows: int = PARQUET_ROWS) -> Iterator[pd.DataFrame]:
-    """``assignments.parquet``'s rows in parts (image_id, super, sub, target, distance): never all at once."""
+    """``assignments.parquet``'s rows in parts (image_id, super, sub, target, distance): never all at once. Each
+    part's targets are counted into ``sizes`` (images per target) as it is made."""
     for lo in range(0, max(len(supers), 1), rows):
         hi = min(lo + rows, len(supers))
         s, c = supers[lo:hi].astype(np.int64), sub[lo:hi].astype(np.int64)
-        yield pd.DataFrame({"image_id": np.arange(lo, hi), "super": s, "sub": c, "target": s * k + c,
+        target = s * k + c
+        sizes += np.bincount(target, minlength=len(sizes))
+        yield pd.DataFrame({"image_id": np.arange(lo, hi), "super": s, "sub": c, "target": target,
                             "distance": distance[lo:hi]})
 
 
