@@ -86,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dask-workers", type=int, default=2)
     p.add_argument("--budget-minutes", type=float, default=60.0, help="start no new method once this much wall "
                    "time has passed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first training seed")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds: every trained method (and the random "
+                   "network, whose init is seeded too) runs with seed, seed+1, ...; the summary shows mean +- std")
     return p.parse_args(argv)
 
 
@@ -146,6 +148,35 @@ def pixel_baseline(store, cfg) -> dict[str, Any]:
                                     cfg.eval.probe_max_iter).test_acc
     out["knn_acc"] = knn_accuracy(x[s.train], ytr, x[s.test], yte, cfg.eval.knn_k)
     return out
+
+
+MEASURES = {"kmeans_nmi_labels": "k-means NMI", "probe_acc": "linear probe", "knn_acc": "kNN"}
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: the number of seeds done and, per measure, the mean and std (ddof 0) over seeds."""
+    done = table[table["status"].astype(str).str.startswith("done")]
+    out = []
+    for method in [m for m in METHODS if m in set(done["method"])]:
+        part = done[done["method"] == method]
+        row: dict[str, Any] = {"method": method, "seeds": len(part)}
+        for key in MEASURES:
+            if key in part:
+                values = part[key].astype(float)
+                row[key], row[f"{key}_sd"] = float(values.mean()), float(values.std(ddof=0))
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_summary(summary: pd.DataFrame, n_seeds: int) -> str:
+    """The table as markdown, each cell ``mean +- std`` over the seeds."""
+    head = "| method | seeds | " + " | ".join(MEASURES.values()) + " |"
+    lines = [head, "|" + "---|" * (2 + len(MEASURES))]
+    for _, row in summary.iterrows():
+        cells = [f"{row[k]:.3f} +- {row[f'{k}_sd']:.3f}" if k in row and pd.notna(row[k]) else "-"
+                 for k in MEASURES]
+        lines.append(f"| {row['method']} | {int(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(histories: dict[str, pd.DataFrame], rows: list[dict[str, Any]], path: Path) -> None:
@@ -210,17 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     trained = [m for m in ("rotnet", "deepcluster", "deepercluster") if m in methods]
     if "clusterfit" in methods and "rotnet" not in trained:
         trained.insert(0, "rotnet")  # the source of ClusterFit
-    first_run = out / (trained[0] if trained else "rotnet")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    shard_run = out / "shard"
 
-    def timed(name: str, fn) -> dict[str, Any] | None:
+    def timed(name: str, seed: int | None, fn) -> dict[str, Any] | None:
         elapsed = time.perf_counter() - start_wall
         if elapsed > budget_s:
             print(f"[{name}] skipped: the budget of {args.budget_minutes:.0f} min is spent ({elapsed / 60:.1f} min)")
-            rows.append({"method": name, "status": "skipped (budget)"})
+            rows.append({"method": name, "seed": seed, "status": "skipped (budget)"})
             return None
         w0, c0 = time.perf_counter(), cpu_seconds()
         result = fn()
-        row = {"method": name, "status": "done", **result, "wall_s": time.perf_counter() - w0,
+        row = {"method": name, "seed": seed, "status": "done", **result, "wall_s": time.perf_counter() - w0,
                "cpu_s": cpu_seconds() - c0}
         rows.append(row)
         print(f"[{name}] {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}",
@@ -229,65 +261,73 @@ def main(argv: list[str] | None = None) -> int:
 
     with dask_scheduler(RuntimeConfig(dask_workers=args.dask_workers)) as address:
         # the shard stage once; every other run gets the same manifest
-        init_run(RunStore(first_run), build_config(method_config(base, first_run.name, args)))
-        timed("shard", lambda: {k: v for k, v in shard_flow(str(first_run), dask_address=address).items()
-                                if k in ("images", "rejects", "classes")})
-        store0, cfg0 = open_run(str(first_run))
+        init_run(RunStore(shard_run), build_config(method_config(base, "rotnet", args)))
+        timed("shard", None, lambda: {k: v for k, v in shard_flow(str(shard_run), dask_address=address).items()
+                                      if k in ("images", "rejects", "classes")})
+        store0, cfg0 = open_run(str(shard_run))
 
         if "pixels" in methods:
-            timed("pixels", lambda: pixel_baseline(store0, cfg0))
+            timed("pixels", None, lambda: pixel_baseline(store0, cfg0))
 
-        def pipeline(method: str) -> dict[str, Any]:
-            run = out / method
-            init_run(RunStore(run), build_config(method_config(base, method, args)))
+        def pipeline(method: str, seed: int) -> dict[str, Any]:
+            run = out / f"seed-{seed}" / method
+            init_run(RunStore(run), build_config(method_config({**base, "seed": seed}, method, args)))
             share_manifest(RunStore(run), store0)
             pipeline_flow(str(run), dask_address=address)
             h = load_history(RunStore(run))
-            histories[method] = h
+            histories[f"{method} s{seed}"] = h
             final = h[h["round"] == args.rounds].iloc[0].to_dict()
-            return {k: final.get(k) for k in HEADLINE} | {"rounds": args.rounds}
-
-        for method in trained:
-            timed(method, lambda m=method: pipeline(m))
-            if method == trained[0] and "random" in methods and method in histories:
-                r0 = histories[method].iloc[0].to_dict()
-                rows.append({"method": "random", "status": "done (round 0)",
+            out_row = {k: final.get(k) for k in HEADLINE} | {"rounds": args.rounds}
+            r0 = h.iloc[0].to_dict()
+            if method == trained[0] and "random" in methods:
+                rows.append({"method": "random", "seed": seed, "status": "done (round 0)",
                              **{k: r0.get(k) for k in HEADLINE}})
+            return out_row
 
-        if "clusterfit" in methods:
-            source = out / "rotnet" / "rounds" / str(args.rounds) / "model.pt"
+        for seed in seeds:
+            for method in trained:
+                timed(method, seed, lambda m=method, s=seed: pipeline(m, s))
 
-            def clusterfit() -> dict[str, Any]:
-                cfg = method_config(base, "clusterfit", args)
+            source = out / f"seed-{seed}" / "rotnet" / "rounds" / str(args.rounds) / "model.pt"
+            if "clusterfit" not in methods:
+                continue
+
+            def clusterfit(seed: int = seed, source: Path = source) -> dict[str, Any]:
+                cfg = method_config({**base, "seed": seed}, "clusterfit", args)
                 cfg.update(rounds=1)
                 cfg["cluster"].update(super_clusters=1, k=args.k)
                 cfg["train"]["epochs"] = args.rounds * args.epochs  # the same training budget
                 cfg["clusterfit"] = {"checkpoint": str(source), "model": base["model"]}
-                run = out / "clusterfit"
+                run = out / f"seed-{seed}" / "clusterfit"
                 init_run(RunStore(run), build_config(cfg))
                 summary = clusterfit_flow(str(run), dask_address=address)
-                histories["clusterfit"] = load_history(RunStore(run)).assign(round=args.rounds)
+                histories[f"clusterfit s{seed}"] = load_history(RunStore(run)).assign(round=args.rounds)
                 return {**summary["target"], "source_probe_acc": summary["source"]["probe_acc"],
                         "source_kmeans_nmi": summary["source"]["kmeans_nmi_labels"]}
 
             if source.is_file():
-                timed("clusterfit", clusterfit)
+                timed("clusterfit", seed, clusterfit)
             else:
-                rows.append({"method": "clusterfit", "status": "skipped (no RotNet model)"})
+                rows.append({"method": "clusterfit", "seed": seed, "status": "skipped (no RotNet model)"})
 
     table = pd.DataFrame(rows)
-    keep = [c for c in ("method", "status", *HEADLINE, "source_probe_acc",
+    keep = [c for c in ("method", "seed", "status", *HEADLINE, "source_probe_acc",
                         "source_kmeans_nmi", "images", "wall_s", "cpu_s") if c in table]
     table = table[keep]
     table.to_csv(out / "quality.csv", index=False)
+    summary = summarise(table)
+    summary.to_csv(out / "quality-summary.csv", index=False)
     if histories:
         plot(histories, rows, out / "quality.png")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.round(3).to_string(index=False))
+        print()
+        print(format_summary(summary, len(seeds)))
     wall, cpu = time.perf_counter() - start_wall, cpu_seconds() - start_cpu
     print(f"total: {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {psutil.cpu_count()} cores; "
           f"config: {json.dumps({k: base[k] for k in ('data', 'model', 'train', 'eval')})}; "
-          f"k={args.k}, rounds={args.rounds}; results in {out}/quality.csv and quality.png")
+          f"k={args.k}, rounds={args.rounds}, seeds={seeds}; results in {out}/quality.csv, quality-summary.csv "
+          "and quality.png")
     return 0
 
 

@@ -80,6 +80,38 @@ class SubHeads(nn.Module):
         return torch.cat(parts).index_select(0, torch.argsort(order))
 
 
+@torch.no_grad()
+def init_heads_from_centroids(sub: SubHeads, h: torch.Tensor, super_ids: torch.Tensor, sub_ids: torch.Tensor,
+                              n_rotations: int = 1) -> int:
+    """Start each sub-head as the nearest-class-mean classifier of its clusters (DeepCluster-v2's idea: no round
+    begins from a random classifier). ``h`` holds the ReLU features the heads read (clustering view, one row per
+    image), ``super_ids``/``sub_ids`` the round's assignments. Row ``j`` of super-class ``c`` (super-cluster
+    ``c // n_rotations``) gets ``w = mu_j / t`` and ``b = -|mu_j|^2 / (2 t)``, ``mu_j`` the mean feature of its
+    cluster, so ``argmax`` of the logits is the nearest mean; ``t`` (the within-cluster mean squared distance)
+    makes a typical logit gap about 1. Every rotation of a super-cluster starts from the same (unrotated) means.
+    Empty clusters keep their random rows. Returns the number of rows set."""
+    h = h.float()
+    sums = torch.zeros(int(super_ids.max()) + 1, sub.k, h.shape[1])
+    counts = torch.zeros(sums.shape[:2])
+    flat = super_ids.long() * sub.k + sub_ids.long()
+    sums.view(-1, h.shape[1]).index_add_(0, flat, h)
+    counts.view(-1).index_add_(0, flat, torch.ones(len(flat)))
+    means = sums / counts.clamp(min=1).unsqueeze(-1)
+    within = (h - means.view(-1, h.shape[1])[flat]).pow(2).sum(1).mean().clamp(min=1e-12)
+    temperature = float(within)
+    rows = 0
+    for j, c in enumerate(sub.owned):
+        s = c // n_rotations
+        if s >= len(means):
+            continue
+        filled = counts[s] > 0
+        mu = means[s][filled]
+        sub.weight[j][filled] = mu / temperature
+        sub.bias[j][filled] = -mu.pow(2).sum(1) / (2 * temperature)
+        rows += int(filled.sum())
+    return rows
+
+
 class HierarchicalHeads(nn.Module):
     """The super-class head and the sub-heads of ``owned`` super-classes, as one module; a trivial level (one
     super-class, or ``k = 1``) has no head. State dict: ``super_head.weight/bias``, ``sub.weight/bias``."""

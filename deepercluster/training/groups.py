@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepercluster.config import PipelineConfig
-from deepercluster.data.transforms import N_ROTATIONS
 from deepercluster.training.errors import TrainError
-from deepercluster.training.inputs import PseudoLabels
+from deepercluster.training.inputs import PseudoLabels, n_rotations
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,6 @@ def plan_groups(world: int, n_super: int, enabled: bool = True) -> HeadGroups:
                          f"super-class): use a multiple of {n_super} ranks, fewer than {n_super}, or "
                          "train.head_groups: false")
     return HeadGroups(world, n_super, grouped)
-
-
-def n_rotations(cfg: PipelineConfig) -> int:
-    return N_ROTATIONS if cfg.train.rotations else 1
 
 
 def n_super_classes(cfg: PipelineConfig) -> int:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepercluster.config import PipelineConfig
+from deepercluster.data.datasets import PseudoLabelled
 from deepercluster.data.repack import image_uris
 from deepercluster.data.shard import MANIFEST, load_manifest
+from deepercluster.data.transforms import N_ROTATIONS, TrainingView
 from deepercluster.errors import StoreError
 from deepercluster.features import model_rel
 from deepercluster.store import RunStore, round_dir
@@ -54,3 +56,15 @@ def load_pseudo_labels(store: RunStore, cfg: PipelineConfig, r: int) -> PseudoLa
     if sup.min() < 0 or sup.max() >= m or sub.min() < 0 or sub.max() >= k:
         raise StoreError(f"{where} has ids outside super 0..{m - 1} / sub 0..{k - 1}: rerun the cluster stage")
     return PseudoLabels(image_uris(store, manifest), sup, sub, sup * k + sub)  # packed tar members, if any
+
+
+def n_rotations(cfg: PipelineConfig) -> int:
+    return N_ROTATIONS if cfg.train.rotations else 1
+
+
+def training_dataset(labels: PseudoLabels, cfg: PipelineConfig, rotation: int | None = None) -> PseudoLabelled:
+    """The round's training samples: each image through the random training view, turned by its sample's rotation
+    (or by ``rotation``, a communication group's), with super-class ``super * rotations + rotation`` and its
+    sub-cluster as targets."""
+    view = TrainingView(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip)
+    return PseudoLabelled(labels.uris, labels.super_ids, labels.sub_ids, view, n_rotations(cfg), rotation)

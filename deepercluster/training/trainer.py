@@ -27,8 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from deepercluster.config import PipelineConfig
-from deepercluster.data.datasets import PseudoLabelled
-from deepercluster.data.transforms import TrainingView, normalize_batch
+from deepercluster.data.transforms import normalize_batch
 from deepercluster.features import model_rel
 from deepercluster.models import Body, load_body
 from deepercluster.models.heads import SubHeads, super_head
@@ -38,7 +37,7 @@ from deepercluster.training import checkpoint as ckpt_io
 from deepercluster.training.checkpoint import Position
 from deepercluster.training.errors import TrainError
 from deepercluster.training.groups import check_group_data, head_groups, n_rotations, n_super_classes
-from deepercluster.training.inputs import load_pseudo_labels
+from deepercluster.training.inputs import load_pseudo_labels, training_dataset
 from deepercluster.training.loss import METRICS, hierarchical_loss
 from deepercluster.training.progress import format_progress
 from deepercluster.training.sampler import GroupClusterSampler, UniformClusterSampler, derive_seed
@@ -198,8 +197,7 @@ class Trainer:
             raise TrainError(f"{self.n_images} images make no whole global batch of {world} x {self.batch}: "
                              "lower train.batch_size or train.nproc")
         self.total_steps = self.iters_per_epoch * t.epochs
-        view = TrainingView(cfg.data.image_size, t.crop_scale, t.hflip)
-        dataset = PseudoLabelled(labels.uris, labels.super_ids, labels.sub_ids, view, n_rot, rotation)
+        dataset = training_dataset(labels, cfg, rotation)
         self.loader = DataLoader(
             dataset, batch_size=self.batch, sampler=self.sampler, num_workers=t.loader_workers, drop_last=True,
             pin_memory=device.type == "cuda", persistent_workers=False,

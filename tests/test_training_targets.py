@@ -1,0 +1,86 @@
+"""The training targets, end to end through the stages' files: a sample's super-class is (level-1 cluster of the
+unrotated image, the rotation actually applied to its pixels) and its sub-class the image's level-2 cluster, both
+recomputed here from the cluster stage's whitened features and centroids alone."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from PIL import Image
+
+from deepercluster.clustering.stage import clusters_rel, run_cluster_stage, whitened_features
+from deepercluster.config import build_config
+from deepercluster.data.images import decode, read_bytes
+from deepercluster.data.shard import run_shard_stage
+from deepercluster.features import run_extract_stage
+from deepercluster.store import RunStore
+from deepercluster.training.inputs import load_pseudo_labels, training_dataset
+from deepercluster.training.sampler import uniform_epoch
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    d = ((x[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+    return d.argmin(1)
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
+    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 2, "k": 4}))
+    store = RunStore(tmp_path_factory.mktemp("targets") / "run")
+    run_shard_stage(store, cfg.data)
+    run_extract_stage(store, cfg, 0)
+    run_cluster_stage(store, cfg, 0)
+    return store, cfg
+
+
+def load_npy(store: RunStore, rel: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(rel)))
+
+
+def expected_clusters(store: RunStore, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Level 1 and level 2 of every image, from whitened.zarr and the centroid files only."""
+    x = whitened_features(store, cfg, 0)
+    sup = nearest(x, load_npy(store, clusters_rel(0, "super_centroids.npy")))
+    sub = np.empty(len(x), dtype=np.int64)
+    for s in range(cfg.cluster.super_clusters):
+        rows = np.flatnonzero(sup == s)
+        sub[rows] = nearest(x[rows], load_npy(store, clusters_rel(0, f"sub-{s:04d}_centroids.npy")))
+    return sup, sub
+
+
+def rotation_of(sample: torch.Tensor, upright: torch.Tensor) -> int:
+    """Which quarter turn (counter-clockwise) of ``upright`` the sample's pixels are."""
+    turns = [r for r in range(4) if torch.equal(torch.rot90(upright, r, dims=(0, 1)), sample)]
+    assert len(turns) == 1, f"the sample is {len(turns)} rotations of its upright view"
+    return turns[0]
+
+
+@pytest.mark.parametrize("group_rotation", [None, 3])
+def test_super_class_is_rotation_and_level1_of_the_unrotated_image(clustered, group_rotation) -> None:
+    store, cfg = clustered
+    sup, sub = expected_clusters(store, cfg)
+    labels = load_pseudo_labels(store, cfg, 0)
+    assert np.array_equal(labels.super_ids, sup) and np.array_equal(labels.sub_ids, sub)
+    assert len(np.unique(sup)) == 2 and len(np.unique(sub)) == 4  # both levels really split the images
+
+    dataset = training_dataset(labels, cfg, group_rotation)
+    rows, seeds = uniform_epoch(labels.targets, cfg.seed, 0, 0, size=160)
+    turns = np.zeros(4, dtype=np.int64)
+    for row, seed in zip(rows.tolist(), seeds.tolist(), strict=True):
+        pixels, super_class, sub_class = dataset[(row, seed)]
+        img: Image.Image = decode(read_bytes(labels.uris[row]))
+        upright = dataset.view(img, seed=seed, rotation=0)
+        rotation = rotation_of(pixels, upright) if not torch.equal(upright, upright.rot90(1, (0, 1))) else None
+        if rotation is None:  # a view that all rotations leave unchanged says nothing about the rotation
+            continue
+        if group_rotation is not None:
+            assert rotation == group_rotation
+        turns[rotation] += 1
+        assert super_class == sup[row] * 4 + rotation
+        assert sub_class == sub[row]
+    assert (turns > 0).sum() == (4 if group_rotation is None else 1), turns
