@@ -36,7 +36,7 @@ from deepercluster.data.transforms import TrainingView, normalize_batch  # noqa:
 from deepercluster.evaluation.metrics import kmeans_agreement  # noqa: E402
 from deepercluster.evaluation.probes import knn_accuracy, linear_probe  # noqa: E402
 from deepercluster.models import SubHeads, build_body, super_head  # noqa: E402
-from deepercluster.models.heads import init_heads_from_centroids  # noqa: E402
+from deepercluster.models.heads import cluster_means, init_heads_from_means  # noqa: E402
 from deepercluster.training.loss import hierarchical_loss  # noqa: E402
 from deepercluster.training.sampler import uniform_epoch  # noqa: E402
 
@@ -149,6 +149,9 @@ def evaluate(x: np.ndarray, xw: np.ndarray, y: np.ndarray, split: tuple[np.ndarr
     out = {"nmi": kmeans_agreement(xw, y, 20, 5, np.random.SeedSequence([seed, 99]))["kmeans_nmi_labels"]}
     out["probe"] = linear_probe(x[tr], y[tr], x[te], y[te]).test_acc
     out["knn"] = knn_accuracy(x[tr], y[tr], x[te], y[te], 20)
+    out["knn_whitened"] = knn_accuracy(xw[tr], y[tr], xw[te], y[te], 20)  # the vectors k-means clusters
+    # the features' common offset: |mean| over the rms distance to the mean (cosine kNN drowns in a large offset)
+    out["offset"] = float(np.linalg.norm(x.mean(0)) / np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()))
     return out
 
 
@@ -160,8 +163,13 @@ def train_round(body, v: Variant, images, sup, sub, x_relu, seed: int, r: int, a
     head_classes = v.m if v.share_rotations else n_super
     subs = SubHeads(body.feature_dim, head_classes, v.k, seed=int(gen)) if v.k > 1 else None
     if v.head_init == "centroids" and subs is not None:
-        init_heads_from_centroids(subs, torch.from_numpy(x_relu), torch.from_numpy(sup), torch.from_numpy(sub),
-                                  n_rotations=1 if v.share_rotations else n_rot)
+        h = torch.from_numpy(x_relu)
+        means, within = {}, []
+        for s in range(v.m):
+            rows = torch.from_numpy(np.flatnonzero(sup == s))
+            means[s], w = cluster_means(h[rows], torch.from_numpy(sub)[rows], v.k)
+            within.append(w * len(rows))
+        init_heads_from_means(subs, means, sum(within) / len(h), n_rotations=1 if v.share_rotations else n_rot)
     params = [{"params": body.parameters(), "lr": v.lr}]
     heads = [h for h in (head, subs) if h is not None]
     params += [{"params": h.parameters(), "lr": v.head_lr or v.lr} for h in heads]

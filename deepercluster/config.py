@@ -143,6 +143,10 @@ class TrainConfig(_Section):
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     nnodes: int = Field(1, ge=1, description="torchrun nodes (world = nnodes x nproc); more than 1 needs "
                         "runtime.rdzv_endpoint")
+    head_init: Literal["random", "centroids"] = Field(
+        "centroids", description="how each round's sub-heads start: 'centroids' = the nearest-mean classifier of the "
+        "new clusters (mean ReLU feature of each sub-cluster, as DeepCluster-v2 starts from its centroids), so no "
+        "round begins by back-propagating a random classifier into the body; 'random' = N(0, 0.01) as in the papers")
     head_groups: bool = Field(True, description="when the world is at least the number of super-classes, one "
                               "communication group of ranks per super-class holding only its sub-head (DeeperCluster)"
                               "; false: every rank holds every head")

@@ -1,6 +1,7 @@
-"""The training targets, end to end through the stages' files: a sample's super-class is (level-1 cluster of the
-unrotated image, the rotation actually applied to its pixels) and its sub-class the image's level-2 cluster, both
-recomputed here from the cluster stage's whitened features and centroids alone."""
+"""The training targets and the heads' start, end to end through the stages' files: a sample's super-class is
+(level-1 cluster of the unrotated image, the rotation actually applied to its pixels) and its sub-class the image's
+level-2 cluster, both recomputed here from the cluster stage's whitened features and centroids alone; sub-heads
+initialised from the clusters' means classify the clustering view as the new assignments do."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ import torch
 from conftest import tiny_overrides
 from PIL import Image
 
-from deepercluster.clustering.stage import clusters_rel, run_cluster_stage, whitened_features
+from deepercluster.clustering.means import load_cluster_means, means_rel
+from deepercluster.clustering.stage import clusters_rel, load_round_features, run_cluster_stage, whitened_features
 from deepercluster.config import build_config
 from deepercluster.data.images import decode, read_bytes
 from deepercluster.data.shard import run_shard_stage
 from deepercluster.features import run_extract_stage
+from deepercluster.models import SubHeads
+from deepercluster.models.heads import cluster_means
 from deepercluster.store import RunStore
 from deepercluster.training.inputs import load_pseudo_labels, training_dataset
 from deepercluster.training.sampler import uniform_epoch
+from deepercluster.training.trainer import init_sub_heads
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -84,3 +89,41 @@ def test_super_class_is_rotation_and_level1_of_the_unrotated_image(clustered, gr
         assert super_class == sup[row] * 4 + rotation
         assert sub_class == sub[row]
     assert (turns > 0).sum() == (4 if group_rotation is None else 1), turns
+
+
+def test_heads_start_as_the_nearest_mean_classifier_of_the_new_clusters(clustered) -> None:
+    """``train.head_init: centroids``: the cluster stage's per-cluster means (streamed shard by shard) equal the
+    in-memory means, and the initialised sub-heads' logits on the clustering view rank each image's sub-clusters by
+    distance to their means: argmax = nearest mean for every image, and it agrees with the k-means assignment far
+    above chance, where random heads are at chance."""
+    store, cfg = clustered
+    assert cfg.train.head_init == "centroids"
+    labels = load_pseudo_labels(store, cfg, 0)
+    h = torch.from_numpy(np.maximum(load_round_features(store, 0), 0))
+    sub_ids = torch.from_numpy(labels.sub_ids)
+    k, n_rot = cfg.cluster.k, 4
+    for s in range(cfg.cluster.super_clusters):
+        rows = torch.from_numpy(np.flatnonzero(labels.super_ids == s))
+        expected, _ = cluster_means(h[rows], sub_ids[rows], k)
+        assert torch.allclose(torch.from_numpy(load_cluster_means(store, 0, s)), expected, rtol=1e-5, atol=1e-6)
+
+    heads = SubHeads(h.shape[1], cfg.cluster.super_clusters * n_rot, k, seed=0)
+    random_logits = heads(h, torch.from_numpy(labels.super_ids * n_rot)).detach()
+    assert init_sub_heads(store, cfg, 0, heads) == cfg.cluster.super_clusters * n_rot * k
+    for rotation in range(n_rot):
+        logits = heads(h, torch.from_numpy(labels.super_ids * n_rot + rotation)).detach()
+        means = torch.stack([torch.from_numpy(load_cluster_means(store, 0, s)) for s in range(2)])
+        nearest_mean = ((h[:, None, :] - means[torch.from_numpy(labels.super_ids)]) ** 2).sum(-1).argmin(1)
+        assert torch.equal(logits.argmax(1), nearest_mean)
+        agree = float((logits.argmax(1) == sub_ids).float().mean())
+        assert agree > 0.6, agree
+    assert float((random_logits.argmax(1) == sub_ids).float().mean()) < 0.45
+
+
+def test_random_head_init_writes_no_means(tmp_path: Path, digits_dir: Path) -> None:
+    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 2, "k": 4}, train={"head_init": "random"}))
+    store = RunStore(tmp_path / "run")
+    run_shard_stage(store, cfg.data)
+    run_extract_stage(store, cfg, 0)
+    run_cluster_stage(store, cfg, 0)
+    assert not store.exists(means_rel(0, 0)) and "means_within" not in store.done_record("cluster", 0, "super-0000")

@@ -3,8 +3,10 @@ level 2 (k sub-clusters inside each super-cluster, one unit of work per super-cl
 
 Outputs under ``rounds/<r>/clusters/``: ``pca.npz``, ``whitened.zarr`` (N x d float32, one zarr shard per image
 shard), ``super.parquet`` + ``super_centroids.npy`` (level 1), ``sub-<s>.parquet`` + ``sub-<s>_centroids.npy``
-(level 2, per super-cluster), ``assignments.parquet`` (image_id, super, sub, target, distance), ``stats.json`` and
-``sizes.png`` (cluster-size histogram). With m = 1 it is plain DeepCluster k-means.
+(level 2, per super-cluster; with ``train.head_init: centroids`` also ``sub-<s>_means.npy``, the mean ReLU feature
+of each sub-cluster, see :mod:`deepercluster.clustering.means`), ``assignments.parquet`` (image_id, super, sub,
+target, distance), ``stats.json`` and ``sizes.png`` (cluster-size histogram).
+With m = 1 it is plain DeepCluster k-means.
 
 No step needs every feature in memory: a k-means unit whose vectors exceed ``runtime.memory_budget_mb`` streams
 its shards at every Lloyd iteration (the "sharded" k-means), and gives the same assignments as in memory.
@@ -20,6 +22,7 @@ import pandas as pd
 
 from deepercluster.clustering.assign import resolve_backend
 from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd_on_sample
+from deepercluster.clustering.means import save_cluster_means
 from deepercluster.clustering.memory import bound_heap, release
 from deepercluster.clustering.plots import size_histogram
 from deepercluster.clustering.vectors import (
@@ -157,6 +160,8 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
         _save_npy(store, clusters_rel(r, f"sub-{s:04d}_centroids.npy"), res.centroids)
         info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
                 "streamed": streamed, "rechecked": res.rechecked}
+        if cfg.train.head_init == "centroids":
+            info.update(save_cluster_means(store, r, s, ids, sub, res.k, cfg.runtime.stream_threads))
     store.write_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"), {"image_id": ids, "sub": sub, "distance": dist})
     store.mark_done(STAGE, r, unit, info)
     release()

@@ -81,35 +81,39 @@ class SubHeads(nn.Module):
 
 
 @torch.no_grad()
-def init_heads_from_centroids(sub: SubHeads, h: torch.Tensor, super_ids: torch.Tensor, sub_ids: torch.Tensor,
-                              n_rotations: int = 1) -> int:
-    """Start each sub-head as the nearest-class-mean classifier of its clusters (DeepCluster-v2's idea: no round
-    begins from a random classifier). ``h`` holds the ReLU features the heads read (clustering view, one row per
-    image), ``super_ids``/``sub_ids`` the round's assignments. Row ``j`` of super-class ``c`` (super-cluster
-    ``c // n_rotations``) gets ``w = mu_j / t`` and ``b = -|mu_j|^2 / (2 t)``, ``mu_j`` the mean feature of its
-    cluster, so ``argmax`` of the logits is the nearest mean; ``t`` (the within-cluster mean squared distance)
-    makes a typical logit gap about 1. Every rotation of a super-cluster starts from the same (unrotated) means.
-    Empty clusters keep their random rows. Returns the number of rows set."""
-    h = h.float()
-    sums = torch.zeros(int(super_ids.max()) + 1, sub.k, h.shape[1])
-    counts = torch.zeros(sums.shape[:2])
-    flat = super_ids.long() * sub.k + sub_ids.long()
-    sums.view(-1, h.shape[1]).index_add_(0, flat, h)
-    counts.view(-1).index_add_(0, flat, torch.ones(len(flat)))
-    means = sums / counts.clamp(min=1).unsqueeze(-1)
-    within = (h - means.view(-1, h.shape[1])[flat]).pow(2).sum(1).mean().clamp(min=1e-12)
-    temperature = float(within)
+def init_heads_from_means(sub: SubHeads, means: dict[int, torch.Tensor], temperature: float,
+                          n_rotations: int = 1) -> int:
+    """Start each sub-head as the nearest-mean classifier of its clusters (DeepCluster-v2's idea: no round begins
+    from a random classifier). ``means[s]`` is ``(k_s, D)``: the mean of the features the heads read (ReLU of the
+    clustering view's features) over each sub-cluster of super-cluster ``s`` (NaN rows: empty clusters, left random).
+    Row ``j`` of super-class ``c`` (super-cluster ``c // n_rotations``: every rotation starts from the upright
+    means) gets ``w = mu_j / t``, ``b = -|mu_j|^2 / (2 t)``, so that the logits rank the clusters by distance to
+    their mean: ``logit_j - logit_i = (|h - mu_i|^2 - |h - mu_j|^2) / (2 t)``; ``t`` (the mean squared distance of an
+    image to its cluster's mean) makes the typical gap about one. Returns the number of rows set."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     rows = 0
     for j, c in enumerate(sub.owned):
-        s = c // n_rotations
-        if s >= len(means):
+        mu = means.get(c // n_rotations)
+        if mu is None:
             continue
-        filled = counts[s] > 0
-        mu = means[s][filled]
-        sub.weight[j][filled] = mu / temperature
-        sub.bias[j][filled] = -mu.pow(2).sum(1) / (2 * temperature)
-        rows += int(filled.sum())
+        mu = mu.to(sub.weight.dtype)[: sub.k]
+        filled = torch.isfinite(mu).all(1).nonzero().flatten()
+        sub.weight[j, filled] = mu[filled] / temperature
+        sub.bias[j, filled] = -mu[filled].pow(2).sum(1) / (2 * temperature)
+        rows += len(filled)
     return rows
+
+
+def cluster_means(h: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """Mean row of each of ``k`` clusters (NaN for an empty one) and the mean squared distance of a row to its
+    cluster's mean (in memory; the cluster stage computes the same shard by shard)."""
+    h = h.double()
+    sums = torch.zeros(k, h.shape[1], dtype=torch.float64).index_add_(0, labels, h)
+    counts = torch.bincount(labels, minlength=k).double()
+    means = sums / counts.unsqueeze(1)
+    within = float((h - means[labels]).pow(2).sum(1).mean())
+    return means.float(), within
 
 
 class HierarchicalHeads(nn.Module):

@@ -26,11 +26,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from deepercluster.clustering.means import head_temperature, load_cluster_means
+from deepercluster.clustering.stage import STAGE as CLUSTER_STAGE
+from deepercluster.clustering.stage import super_unit
 from deepercluster.config import PipelineConfig
 from deepercluster.data.transforms import normalize_batch
 from deepercluster.features import model_rel
 from deepercluster.models import Body, load_body
-from deepercluster.models.heads import SubHeads, super_head
+from deepercluster.models.heads import SubHeads, init_heads_from_means, super_head
 from deepercluster.models.sync_bn import convert_global_batchnorm
 from deepercluster.store import RunStore
 from deepercluster.training import checkpoint as ckpt_io
@@ -62,6 +65,16 @@ class TrainNet(nn.Module):
 def heads_seed(cfg: PipelineConfig, r: int) -> int:
     """New heads for round ``r`` (old cluster ids mean nothing after re-clustering), seeded by (seed, r)."""
     return derive_seed(cfg.seed, r, HEADS_KEY)
+
+
+def init_sub_heads(store: RunStore, cfg: PipelineConfig, r: int, sub: SubHeads) -> int:
+    """The sub-heads of round ``r`` as the nearest-mean classifiers of its clusters (the cluster stage's
+    ``sub-<s>_means.npy`` of the super-clusters ``sub`` holds, at the temperature of every unit's records)."""
+    n_rot = n_rotations(cfg)
+    supers = sorted({c // n_rot for c in sub.owned})
+    means = {s: torch.from_numpy(load_cluster_means(store, r, s)) for s in supers}
+    records = [store.done_record(CLUSTER_STAGE, r, super_unit(s)) for s in range(cfg.cluster.super_clusters)]
+    return init_heads_from_means(sub, means, head_temperature(records), n_rot)
 
 
 def _to_cpu(obj: Any, copy: bool = False) -> Any:
@@ -140,6 +153,8 @@ class Trainer:
         net = TrainNet(body, super_head(body.feature_dim, n_super, seed))
         sub = SubHeads(body.feature_dim, n_super, cfg.cluster.k, self.owned, seed) if cfg.cluster.k > 1 else None
         ckpt = ckpt_io.load_checkpoint(store, r, cfg, world)
+        if sub is not None and ckpt is None and t.head_init == "centroids":
+            init_sub_heads(store, cfg, r, sub)
         self.pos = ckpt_io.position(ckpt)
         group_state = None
         if ckpt is not None:
