@@ -149,6 +149,8 @@ def evaluate(x: np.ndarray, xw: np.ndarray, y: np.ndarray, split: tuple[np.ndarr
     out = {"nmi": kmeans_agreement(xw, y, 20, 5, np.random.SeedSequence([seed, 99]))["kmeans_nmi_labels"]}
     out["probe"] = linear_probe(x[tr], y[tr], x[te], y[te]).test_acc
     out["knn"] = knn_accuracy(x[tr], y[tr], x[te], y[te], 20)
+    centre = x[tr].mean(0)  # the train split's mean, as the linear probe standardises with the train split's
+    out["knn_centred"] = knn_accuracy(x[tr] - centre, y[tr], x[te] - centre, y[te], 20)
     out["knn_whitened"] = knn_accuracy(xw[tr], y[tr], xw[te], y[te], 20)  # the vectors k-means clusters
     # the features' common offset: |mean| over the rms distance to the mean (cosine kNN drowns in a large offset)
     out["offset"] = float(np.linalg.norm(x.mean(0)) / np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()))

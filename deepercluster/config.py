@@ -93,6 +93,11 @@ class ModelConfig(_Section):
     sobel: bool = Field(False, description="fixed Sobel front-end (grey + two 3x3 Sobel filters), as in the papers")
     feature_dim: int = Field(128, ge=2, description="width of the feature layer (smallnet only)")
     init_checkpoint: str | None = Field(None, description="weights round 0 starts from (default: random init)")
+    bn_calibration: int = Field(4096, ge=0, description="images whose clustering views set the batch-norm statistics "
+                                "of the model each round starts from (the random init's defaults, or training's "
+                                "averages over augmented views, otherwise make the clustered features those of "
+                                "another function than the one trained); 0 = off. A checkpoint given as "
+                                "init_checkpoint keeps its own")
 
 
 class ExtractConfig(_Section):
@@ -287,6 +292,9 @@ class PipelineConfig(_Section):
             raise ValueError("method clusterfit needs clusterfit.checkpoint (the weights of the source network)")
         if self.rounds != 1:
             raise ValueError("clusterfit clusters once: rounds must be 1 (train longer with train.epochs)")
+        if self.train.head_init != "random":
+            raise ValueError("clusterfit trains a new network on another network's clusters, whose feature means "
+                             "mean nothing to it: train.head_init must be random")
         min_size = MIN_IMAGE_SIZE[self.clusterfit.model.arch]
         if self.data.image_size < min_size:
             raise ValueError(f"data.image_size {self.data.image_size} is too small for the source "
@@ -324,7 +332,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rotnet": {"cluster": {"super_clusters": 1, "k": 1}, "train": {"rotations": True}},
     "deepercluster": {"cluster": {"super_clusters": 2, "k": 50}, "train": {"rotations": True}},
     # k-means the source network's features once, train a new network from scratch on them, evaluate both
-    "clusterfit": {"rounds": 1, "cluster": {"super_clusters": 1, "k": 100}, "train": {"rotations": False},
+    "clusterfit": {"rounds": 1, "cluster": {"super_clusters": 1, "k": 100},
+                   "train": {"rotations": False, "head_init": "random"},
                    "eval": {"final_round": True}},
 }
 

@@ -98,3 +98,26 @@ def test_sobel_bodies_take_two_channels(arch: str) -> None:
 def test_build_is_deterministic_given_a_seed() -> None:
     a, b = (build_body(ModelConfig(arch="resnet18"), seed=3) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_calibrated_batchnorm_makes_eval_mode_the_batch_statistics_forward() -> None:
+    """After ``calibrate_batchnorm`` on a set of images, the eval-mode forward (extraction) of those images equals
+    the forward that normalises with their own statistics (training's), where the defaults of a fresh network give
+    a different function; dropout stays off and no weight changes."""
+    from deepercluster.features.calibrate import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16) * 2 + 0.5
+    body = build_body(ModelConfig(arch="smallnet", feature_dim=16), seed=0)
+    weights = {k: v.clone() for k, v in body.state_dict().items() if "running" not in k and "tracked" not in k}
+    with torch.no_grad():
+        batch_stats = body.train()(x)
+        before = body.eval()(x)
+        assert calibrate_batchnorm(body, [x[:32], x[32:]]) == 64
+        after = body.eval()(x)
+    assert not body.training
+    assert not torch.allclose(before, batch_stats, rtol=0.05, atol=1e-3)
+    # running variance is the unbiased estimate averaged over two batches: close to, not exactly, the batch's
+    assert torch.allclose(after, batch_stats, rtol=0.05, atol=0.05 * float(batch_stats.abs().mean()))
+    assert all(torch.equal(v, body.state_dict()[k]) for k, v in weights.items())
+    assert calibrate_batchnorm(body, []) == 0 and torch.equal(body.eval()(x), after)

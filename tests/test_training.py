@@ -174,13 +174,15 @@ N_IMAGES = TRAIN_IMAGES  # 200 // (2 ranks x 8) = 12 iterations per epoch, 24 st
 
 def tiny_config(folder: Path, **train: object) -> PipelineConfig:
     """2 super-clusters (no rotation: 2 super-classes) and 2 ranks: two communication groups of one rank, each
-    holding its own sub-head, the body batch-normalised over both."""
+    holding its own sub-head, the body batch-normalised over both. Random heads: the assignments below are made up,
+    with no cluster stage to compute the clusters' means (test_training_targets covers head_init: centroids)."""
     return build_config({
         "seed": 7,
         "data": {"source": str(folder), "image_size": 16, "shard_size": 64},
         "model": {"arch": "smallnet", "feature_dim": 16},
         "cluster": {"super_clusters": 2, "k": 3},
-        "train": {"epochs": 2, "batch_size": 8, "nproc": 2, "checkpoint_every": 2, "rotations": False, **train},
+        "train": {"epochs": 2, "batch_size": 8, "nproc": 2, "checkpoint_every": 2, "rotations": False,
+                  "head_init": "random", **train},
         "runtime": {"device": "cpu"},
     }, method="deepercluster")
 

@@ -40,6 +40,9 @@ def ensure_round_model(store: RunStore, cfg: PipelineConfig, r: int) -> str:
         body = load_body(cfg.model, state.get("body", state))
     else:
         body = build_body(cfg.model, seed=cfg.seed)
+        from deepercluster.features.calibrate import calibrate_round_model  # reads images: only when needed
+
+        calibrate_round_model(store, cfg, 0, body)
     store.save_torch(rel, {"body": body.state_dict(), "arch": cfg.model.arch, "round": 0})
     return rel
 

@@ -32,6 +32,7 @@ from deepercluster.clustering.stage import super_unit
 from deepercluster.config import PipelineConfig
 from deepercluster.data.transforms import normalize_batch
 from deepercluster.features import model_rel
+from deepercluster.features.calibrate import calibrate_round_model
 from deepercluster.models import Body, load_body
 from deepercluster.models.heads import SubHeads, init_heads_from_means, super_head
 from deepercluster.models.sync_bn import convert_global_batchnorm
@@ -328,6 +329,9 @@ class Trainer:
         }
         if self.rank == 0:
             state = _to_cpu(self._state())
+            body = load_body(self.cfg.model, state["body"])
+            calibrate_round_model(self.store, self.cfg, self.r + 1, body, self.device)
+            state["body"] = body.state_dict()
             groups = [ckpt_io.load_group_heads(self.store, self.r, self.pos.step, g)
                       for g in range(self.plan.n_groups)] if self.sub is not None else []
             heads = ckpt_io.assemble_heads(state["super_head"], groups)
