@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 
-HEADLINE = ("kmeans_nmi_labels", "kmeans_nmi_labels_std", "probe_acc", "knn_acc")
+HEADLINE = ("kmeans_nmi_labels", "kmeans_nmi_labels_std", "probe_acc", "knn_acc", "knn_whitened_acc")
 METHODS = ("pixels", "random", "rotnet", "deepcluster", "deepercluster", "clusterfit")
 
 
@@ -129,6 +129,7 @@ def method_config(base: dict[str, Any], method: str, args: argparse.Namespace) -
 def pixel_baseline(store, cfg) -> dict[str, Any]:
     """k-means NMI (k = classes, 50 iterations, mean of eval.kmeans_runs seeds, raw pixels) and the probes on the raw
     pixels, same splits."""
+    from deepercluster.clustering.pca import fit_pca, l2_normalise
     from deepercluster.data.shard import load_manifest
     from deepercluster.evaluation.metrics import kmeans_agreement
     from deepercluster.evaluation.pixels import pixel_features
@@ -147,10 +148,13 @@ def pixel_baseline(store, cfg) -> dict[str, Any]:
     out["probe_acc"] = linear_probe(x[s.train], ytr, x[s.test], yte, cfg.eval.probe_weight_decay,
                                     cfg.eval.probe_max_iter).test_acc
     out["knn_acc"] = knn_accuracy(x[s.train], ytr, x[s.test], yte, cfg.eval.knn_k)
+    w = l2_normalise(fit_pca(x, cfg.cluster.pca_dim).transform(x)).astype(np.float32)  # as the pipeline whitens
+    out["knn_whitened_acc"] = knn_accuracy(w[s.train], ytr, w[s.test], yte, cfg.eval.knn_k)
     return out
 
 
-MEASURES = {"kmeans_nmi_labels": "k-means NMI", "probe_acc": "linear probe", "knn_acc": "kNN"}
+MEASURES = {"kmeans_nmi_labels": "k-means NMI", "probe_acc": "linear probe", "knn_acc": "kNN",
+            "knn_whitened_acc": "kNN (whitened)"}
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows)
     keep = [c for c in ("method", "seed", "status", *HEADLINE, "source_probe_acc",
                         "source_kmeans_nmi", "images", "wall_s", "cpu_s") if c in table]
-    table = table[keep]
+    table = table[keep].astype({"seed": "Int64"})
     table.to_csv(out / "quality.csv", index=False)
     summary = summarise(table)
     summary.to_csv(out / "quality-summary.csv", index=False)

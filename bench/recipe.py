@@ -57,6 +57,8 @@ class Variant:
     crop_low: float = 0.5
     share_rotations: bool = False
     recal_bn: bool = False
+    hflip: bool = True
+    rot_means: bool = False  # rotated sub-heads start from the means of their rotated clustering views
 
 
 def parse_variant(text: str, args: argparse.Namespace) -> Variant:
@@ -157,7 +159,7 @@ def evaluate(x: np.ndarray, xw: np.ndarray, y: np.ndarray, split: tuple[np.ndarr
     return out
 
 
-def train_round(body, v: Variant, images, sup, sub, x_relu, seed: int, r: int, args) -> float:
+def train_round(body, v: Variant, images, pixels, sup, sub, x_relu, seed: int, r: int, args) -> float:
     n_rot = 4 if v.rotations else 1
     n_super = v.m * n_rot
     gen = np.random.SeedSequence([seed, r, 7]).generate_state(1)[0]
@@ -171,12 +173,22 @@ def train_round(body, v: Variant, images, sup, sub, x_relu, seed: int, r: int, a
             rows = torch.from_numpy(np.flatnonzero(sup == s))
             means[s], w = cluster_means(h[rows], torch.from_numpy(sub)[rows], v.k)
             within.append(w * len(rows))
-        init_heads_from_means(subs, means, sum(within) / len(h), n_rotations=1 if v.share_rotations else n_rot)
+        temperature = sum(within) / len(h)
+        if v.rot_means and not v.share_rotations and n_rot > 1:
+            by_class = {s * n_rot: means[s] for s in range(v.m)}
+            for t in range(1, n_rot):
+                ht = torch.from_numpy(np.maximum(features(body, torch.rot90(pixels, t, dims=(1, 2))), 0))
+                for s in range(v.m):
+                    rows = torch.from_numpy(np.flatnonzero(sup == s))
+                    by_class[s * n_rot + t] = cluster_means(ht[rows], torch.from_numpy(sub)[rows], v.k)[0]
+            init_heads_from_means(subs, by_class, temperature, n_rotations=1)
+        else:
+            init_heads_from_means(subs, means, temperature, n_rotations=1 if v.share_rotations else n_rot)
     params = [{"params": body.parameters(), "lr": v.lr}]
     heads = [h for h in (head, subs) if h is not None]
     params += [{"params": h.parameters(), "lr": v.head_lr or v.lr} for h in heads]
     opt = torch.optim.SGD(params, lr=v.lr, momentum=0.9, weight_decay=1e-5)
-    view = TrainingView(args.image_size, (v.crop_low, 1.0), True)
+    view = TrainingView(args.image_size, (v.crop_low, 1.0), v.hflip)
     targets = sup * v.k + sub
     losses = []
     body.train()
@@ -211,7 +223,7 @@ def run(v: Variant, seed: int, images, pixels, y, split, args) -> list[dict[str,
         row = {"round": r, **evaluate(x, xw, y, split, seed)}
         if r < args.rounds:
             sup, sub = cluster(xw, v.m, v.k, seed, r, args.niter)
-            row["loss"] = train_round(body, v, images, sup, sub, np.maximum(x, 0), seed, r, args)
+            row["loss"] = train_round(body, v, images, pixels, sup, sub, np.maximum(x, 0), seed, r, args)
         history.append(row)
         print(f"  {v.name} seed {seed} " + json.dumps({k: round(val, 4) for k, val in row.items()}), flush=True)
     return history

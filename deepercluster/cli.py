@@ -252,6 +252,7 @@ HISTORY_COLUMNS = {  # column -> (title, format)
     "kmeans_nmi_labels": ("k-means NMI", "{:.3f}"),
     "probe_acc": ("linear probe", "{:.3f}"),
     "knn_acc": ("kNN", "{:.3f}"),
+    "knn_whitened_acc": ("kNN whitened", "{:.3f}"),
     "nmi_prev": ("NMI prev", "{:.3f}"),
     "non_empty": ("clusters", "{:.0f}"),
     "size_min": ("min size", "{:.0f}"),

@@ -141,7 +141,8 @@ def import_labels(store: RunStore, cfg: PipelineConfig) -> dict[str, Any]:
 
 def summarise(store: RunStore, source_metrics: dict[str, Any], target_metrics: dict[str, Any]) -> dict[str, Any]:
     """``clusterfit.json``: the source's and the new network's metrics under the same probes."""
-    keys = ("kmeans_nmi_labels", "kmeans_nmi_labels_std", "kmeans_ari_labels", "probe_acc", "knn_acc", "nmi_labels")
+    keys = ("kmeans_nmi_labels", "kmeans_nmi_labels_std", "kmeans_ari_labels", "probe_acc", "knn_acc",
+            "knn_whitened_acc", "nmi_labels")
     summary = {"source": {k: source_metrics.get(k) for k in keys}, "target": {k: target_metrics.get(k) for k in keys},
                "source_run": source_store(store).uri, "target_round": target_metrics.get("round")}
     store.write_json(SUMMARY, summary)

@@ -37,6 +37,7 @@ PLOTTED = {  # history column -> legend; all in [0, 1] (left panel)
     "nmi_prev": "NMI vs previous round",
     "probe_acc": "linear probe accuracy",
     "knn_acc": "kNN accuracy",
+    "knn_whitened_acc": "kNN accuracy (whitened features)",
 }
 LOSS_COLUMN = "train_loss"
 

@@ -191,6 +191,17 @@ def test_evaluate_stage_records_probes_per_round(tmp_path: Path, digits_dir: Pat
     # even a random network's features carry the digit classes well above chance (0.1)
     assert 0.3 < m["probe_acc"] <= 1 and 0.3 < m["knn_acc"] <= 1 and 0 < m["kmeans_nmi_labels"] <= 1
     assert m["probe_dim"] == 32 and 0 <= m["nmi_labels"] <= 1
+    # the whitened vote reads whitened.zarr's rows of the split images: recomputed here from those rows
+    from deepercluster.clustering.stage import whitened_features
+    from deepercluster.data.shard import load_manifest
+    from deepercluster.evaluation.probes import knn_accuracy as knn
+    from deepercluster.evaluation.splits import probe_splits
+
+    manifest = load_manifest(store)
+    s = probe_splits(manifest["image_id"].to_numpy(), manifest["label_id"], cfg.eval)
+    w, y = whitened_features(store, cfg, 0), manifest.set_index("image_id")["label_id"]
+    expected = knn(w[s.train], y[s.train].to_numpy(int), w[s.test], y[s.test].to_numpy(int), cfg.eval.knn_k)
+    assert m["knn_whitened_acc"] == expected and 0.3 < expected <= 1
     row = load_history(store).iloc[0]
     assert row["probe_acc"] == m["probe_acc"] and row["knn_acc"] == m["knn_acc"]
     assert store.read_json("rounds/0/eval/metrics.json")["probe_acc"] == m["probe_acc"]
