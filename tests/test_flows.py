@@ -36,8 +36,11 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
             assert store.exists(f"rounds/{r}/{rel}"), rel
     assert store.exists("rounds/2/model.pt")  # what a third round would start from
     history = load_history(store)
-    assert history["round"].tolist() == [0, 1]
-    assert history["nmi_labels"].between(0, 1).all() and history["nmi_prev"].notna().tolist() == [False, True]
+    # eval.final_round (default): the model the last training made is extracted and evaluated too (no clusters)
+    assert history["round"].tolist() == [0, 1, 2] and store.exists("rounds/2/features.zarr/zarr.json")
+    clustered = history[history["round"] < 2]
+    assert clustered["nmi_labels"].between(0, 1).all() and clustered["nmi_prev"].notna().tolist() == [False, True]
+    assert history["knn_acc"].between(0, 1).all() and history["knn_whitened_acc"].between(0, 1).all()
 
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
