@@ -90,6 +90,8 @@ def test_a_shard_has_the_same_features_whichever_shards_share_its_stream(tmp_pat
 def test_round_zero_model_is_seeded(tmp_path: Path, digits_dir: Path):
     a, b = RunStore(tmp_path / "a"), RunStore(tmp_path / "b")
     cfg = build_config(tiny_overrides(digits_dir))
+    run_shard_stage(a, cfg.data)  # the random init's batch norms are calibrated on the run's images
+    run_shard_stage(b, cfg.data)
     ensure_round_model(a, cfg, 0)
     ensure_round_model(b, cfg, 0)
     sa, sb = a.load_torch("rounds/0/model.pt")["body"], b.load_torch("rounds/0/model.pt")["body"]

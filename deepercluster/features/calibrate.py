@@ -11,13 +11,15 @@ that are clustered, and the heads initialised from them, are those of the networ
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 
 from deepercluster.config import PipelineConfig
-from deepercluster.data.datasets import ImageList
+from deepercluster.data.images import decode, read_bytes
 from deepercluster.data.repack import image_uris
 from deepercluster.data.shard import load_manifest
 from deepercluster.data.transforms import clustering_view
@@ -72,9 +74,25 @@ def calibrate_round_model(store: RunStore, cfg: PipelineConfig, r: int, body: nn
     if cfg.model.bn_calibration <= 0:
         return 0
     view = clustering_view(cfg.data.image_size, cfg.data.crop_ratio)
-    loader = DataLoader(ImageList(calibration_uris(store, cfg, r), view), batch_size=CALIBRATION_BATCH)
     body.to(device)
     try:
-        return calibrate_batchnorm(body, loader, device)
+        return calibrate_batchnorm(body, view_batches(calibration_uris(store, cfg, r), view), device)
     finally:
         body.to("cpu")
+
+
+def view_batches(uris: list[str], view: Callable[[Image.Image], torch.Tensor],
+                 batch: int = CALIBRATION_BATCH) -> Iterator[torch.Tensor]:
+    """Batches of the views of ``uris``. An image that no longer decodes (changed since the shard stage) is left
+    out: it is only a calibration sample, and the extract stage reports it with its one-line error."""
+    views: list[torch.Tensor] = []
+    for uri in uris:
+        try:
+            views.append(view(decode(read_bytes(uri))))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if len(views) == batch:
+            yield torch.stack(views)
+            views = []
+    if views:
+        yield torch.stack(views)
