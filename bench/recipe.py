@@ -29,14 +29,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from deepercluster.clustering.kmeans import kmeans  # noqa: E402
+from deepercluster.clustering.kmeans import ArrayVectors, kmeans  # noqa: E402
+from deepercluster.clustering.means import relu_cluster_means  # noqa: E402
 from deepercluster.clustering.pca import fit_pca, l2_normalise  # noqa: E402
 from deepercluster.config import ModelConfig  # noqa: E402
 from deepercluster.data.transforms import TrainingView, normalize_batch  # noqa: E402
 from deepercluster.evaluation.metrics import kmeans_agreement  # noqa: E402
 from deepercluster.evaluation.probes import knn_accuracy, linear_probe  # noqa: E402
 from deepercluster.models import SubHeads, build_body, super_head  # noqa: E402
-from deepercluster.models.heads import cluster_means, init_heads_from_means  # noqa: E402
+from deepercluster.models.heads import init_heads_from_means  # noqa: E402
 from deepercluster.training.loss import hierarchical_loss  # noqa: E402
 from deepercluster.training.sampler import uniform_epoch  # noqa: E402
 
@@ -167,20 +168,20 @@ def train_round(body, v: Variant, images, pixels, sup, sub, x_relu, seed: int, r
     head_classes = v.m if v.share_rotations else n_super
     subs = SubHeads(body.feature_dim, head_classes, v.k, seed=int(gen)) if v.k > 1 else None
     if v.head_init == "centroids" and subs is not None:
-        h = torch.from_numpy(x_relu)
-        means, within = {}, []
+        means, within = {}, 0.0
         for s in range(v.m):
-            rows = torch.from_numpy(np.flatnonzero(sup == s))
-            means[s], w = cluster_means(h[rows], torch.from_numpy(sub)[rows], v.k)
-            within.append(w * len(rows))
-        temperature = sum(within) / len(h)
+            rows = np.flatnonzero(sup == s)
+            mu, w = relu_cluster_means(ArrayVectors(x_relu[rows]), sub[rows], v.k)
+            means[s], within = torch.from_numpy(mu), within + w
+        temperature = within / len(x_relu)
         if v.rot_means and not v.share_rotations and n_rot > 1:
             by_class = {s * n_rot: means[s] for s in range(v.m)}
             for t in range(1, n_rot):
-                ht = torch.from_numpy(np.maximum(features(body, torch.rot90(pixels, t, dims=(1, 2))), 0))
+                ht = np.maximum(features(body, torch.rot90(pixels, t, dims=(1, 2))), 0)
                 for s in range(v.m):
-                    rows = torch.from_numpy(np.flatnonzero(sup == s))
-                    by_class[s * n_rot + t] = cluster_means(ht[rows], torch.from_numpy(sub)[rows], v.k)[0]
+                    rows = np.flatnonzero(sup == s)
+                    by_class[s * n_rot + t] = torch.from_numpy(relu_cluster_means(ArrayVectors(ht[rows]), sub[rows],
+                                                                                   v.k)[0])
             init_heads_from_means(subs, by_class, temperature, n_rotations=1)
         else:
             init_heads_from_means(subs, means, temperature, n_rotations=1 if v.share_rotations else n_rot)

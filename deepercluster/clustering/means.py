@@ -15,6 +15,7 @@ import io
 import numpy as np
 
 from deepercluster.clustering.kernels import signed_row_sums
+from deepercluster.clustering.kmeans import VectorSource
 from deepercluster.clustering.vectors import ShardedVectors, members_by_shard, open_round_features, shard_rows
 from deepercluster.clustering.whitening import clusters_rel
 from deepercluster.store import RunStore
@@ -24,9 +25,10 @@ def means_rel(r: int, s: int) -> str:
     return clusters_rel(r, f"sub-{s:04d}_means.npy")
 
 
-def relu_cluster_means(source: ShardedVectors, labels: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+def relu_cluster_means(source: VectorSource, labels: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """Mean ``ReLU(row)`` of each of ``k`` clusters (``labels[i]``: cluster of the source's i-th row; NaN rows for
-    empty clusters) and the sum over rows of the squared distance to their cluster's mean; one pass, float64."""
+    empty clusters) and the sum over rows of the squared distance to their cluster's mean; one pass over the
+    source's blocks (shard by shard, or an in-memory ``ArrayVectors``), float64."""
     sums = np.zeros((k, source.dim))
     sq = np.zeros(k)
     for lo, block in source.blocks():

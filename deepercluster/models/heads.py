@@ -105,17 +105,6 @@ def init_heads_from_means(sub: SubHeads, means: dict[int, torch.Tensor], tempera
     return rows
 
 
-def cluster_means(h: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
-    """Mean row of each of ``k`` clusters (NaN for an empty one) and the mean squared distance of a row to its
-    cluster's mean (in memory; the cluster stage computes the same shard by shard)."""
-    h = h.double()
-    sums = torch.zeros(k, h.shape[1], dtype=torch.float64).index_add_(0, labels, h)
-    counts = torch.bincount(labels, minlength=k).double()
-    means = sums / counts.unsqueeze(1)
-    within = float((h - means[labels]).pow(2).sum(1).mean())
-    return means.float(), within
-
-
 class HierarchicalHeads(nn.Module):
     """The super-class head and the sub-heads of ``owned`` super-classes, as one module; a trivial level (one
     super-class, or ``k = 1``) has no head. State dict: ``super_head.weight/bias``, ``sub.weight/bias``."""
