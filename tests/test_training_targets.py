@@ -22,6 +22,7 @@ from deepercluster.data.shard import run_shard_stage
 from deepercluster.features import run_extract_stage
 from deepercluster.models import SubHeads
 from deepercluster.store import RunStore
+from deepercluster.training.errors import TrainError
 from deepercluster.training.inputs import load_pseudo_labels, training_dataset
 from deepercluster.training.sampler import uniform_epoch
 from deepercluster.training.trainer import init_sub_heads
@@ -126,3 +127,8 @@ def test_random_head_init_writes_no_means(tmp_path: Path, digits_dir: Path) -> N
     run_extract_stage(store, cfg, 0)
     run_cluster_stage(store, cfg, 0)
     assert not store.exists(means_rel(0, 0)) and "means_within" not in store.done_record("cluster", 0, "super-0000")
+    # training these clusters with heads from means is a one-line error saying what to do
+    centroids = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 2, "k": 4}))
+    with pytest.raises(TrainError, match="no feature means .*rerun the cluster stage with --force") as err:
+        init_sub_heads(store, centroids, 0, SubHeads(32, 8, 4))
+    assert "\n" not in str(err.value)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from deepercluster.clustering.means import head_temperature, load_cluster_means
+from deepercluster.clustering.means import head_temperature, load_cluster_means, means_rel
 from deepercluster.clustering.stage import STAGE as CLUSTER_STAGE
 from deepercluster.clustering.stage import super_unit
 from deepercluster.config import PipelineConfig
@@ -73,6 +73,11 @@ def init_sub_heads(store: RunStore, cfg: PipelineConfig, r: int, sub: SubHeads) 
     ``sub-<s>_means.npy`` of the super-clusters ``sub`` holds, at the temperature of every unit's records)."""
     n_rot = n_rotations(cfg)
     supers = sorted({c // n_rot for c in sub.owned})
+    missing = [s for s in supers if not store.exists(means_rel(r, s))]
+    if missing:
+        raise TrainError(f"round {r}'s clusters have no feature means ({store.url(means_rel(r, missing[0]))}: they "
+                         f"were made with train.head_init: random): rerun the cluster stage with --force, or set "
+                         "train.head_init: random")
     means = {s: torch.from_numpy(load_cluster_means(store, r, s)) for s in supers}
     records = [store.done_record(CLUSTER_STAGE, r, super_unit(s)) for s in range(cfg.cluster.super_clusters)]
     return init_heads_from_means(sub, means, head_temperature(records), n_rot)
