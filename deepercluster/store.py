@@ -151,6 +151,14 @@ class RunStore:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def write_npy(self, rel: str, array: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_npy(self, rel: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.read_bytes(rel)), allow_pickle=False)
+
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
 

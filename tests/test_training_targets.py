@@ -5,7 +5,6 @@ initialised from the clusters' means classify the clustering view as the new ass
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +42,14 @@ def clustered(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
     return store, cfg
 
 
-def load_npy(store: RunStore, rel: str) -> np.ndarray:
-    return np.load(io.BytesIO(store.read_bytes(rel)))
-
-
 def expected_clusters(store: RunStore, cfg) -> tuple[np.ndarray, np.ndarray]:
     """Level 1 and level 2 of every image, from whitened.zarr and the centroid files only."""
     x = whitened_features(store, cfg, 0)
-    sup = nearest(x, load_npy(store, clusters_rel(0, "super_centroids.npy")))
+    sup = nearest(x, store.read_npy(clusters_rel(0, "super_centroids.npy")))
     sub = np.empty(len(x), dtype=np.int64)
     for s in range(cfg.cluster.super_clusters):
         rows = np.flatnonzero(sup == s)
-        sub[rows] = nearest(x[rows], load_npy(store, clusters_rel(0, f"sub-{s:04d}_centroids.npy")))
+        sub[rows] = nearest(x[rows], store.read_npy(clusters_rel(0, f"sub-{s:04d}_centroids.npy")))
     return sup, sub
 
 

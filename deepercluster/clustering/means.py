@@ -10,8 +10,6 @@ init_heads_from_means`) instead of a random one. numpy only: the cluster stage d
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from deepercluster.clustering.kernels import signed_row_sums
@@ -50,14 +48,12 @@ def save_cluster_means(store: RunStore, r: int, s: int, ids: np.ndarray, labels:
     array = open_round_features(store, r)
     source = ShardedVectors(array, members_by_shard(int(array.shape[0]), shard_rows(array), ids), threads=threads)
     means, within = relu_cluster_means(source, labels, k)
-    buf = io.BytesIO()
-    np.save(buf, means)
-    store.write_bytes(means_rel(r, s), buf.getvalue())
+    store.write_npy(means_rel(r, s), means)
     return {"means_within": within, "means_rows": int(len(ids))}
 
 
 def load_cluster_means(store: RunStore, r: int, s: int) -> np.ndarray:
-    return np.load(io.BytesIO(store.read_bytes(means_rel(r, s))), allow_pickle=False)
+    return store.read_npy(means_rel(r, s))
 
 
 def head_temperature(records: list[dict]) -> float:

@@ -14,7 +14,6 @@ its shards at every Lloyd iteration (the "sharded" k-means), and gives the same 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
@@ -74,12 +73,6 @@ def load_round_features(store: RunStore, r: int) -> np.ndarray:
     return out
 
 
-def _save_npy(store: RunStore, rel: str, a: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    store.write_bytes(rel, buf.getvalue())
-
-
 def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
     """Whether ``n`` whitened vectors of width ``dim`` (plus their labels and distances) fit the memory budget."""
     return n * (4 * dim + BYTES_PER_MEMBER) <= cfg.runtime.memory_budget_mb * 2**20
@@ -129,7 +122,7 @@ def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int, force: bool = 
                                          fit_rows=m * cfg.cluster.super_sample)
             super_ids = res.assign
             info = {"inertia": res.inertia, "repairs": res.repairs, "streamed": streamed, "rechecked": res.rechecked}
-            _save_npy(store, clusters_rel(r, "super_centroids.npy"), res.centroids)
+            store.write_npy(clusters_rel(r, "super_centroids.npy"), res.centroids)
         else:
             super_ids = np.zeros(n, dtype=np.int64)
             info = {"inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
@@ -157,7 +150,7 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
     else:
         res, streamed = cluster_rows(store, cfg, r, ids, cfg.cluster.k, _seed(cfg, r, 2, s))
         sub, dist = res.assign, res.distance
-        _save_npy(store, clusters_rel(r, f"sub-{s:04d}_centroids.npy"), res.centroids)
+        store.write_npy(clusters_rel(r, f"sub-{s:04d}_centroids.npy"), res.centroids)
         info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
                 "streamed": streamed, "rechecked": res.rechecked}
         if cfg.train.head_init == "centroids":
