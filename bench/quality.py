@@ -129,7 +129,8 @@ def method_config(base: dict[str, Any], method: str, args: argparse.Namespace) -
 def pixel_baseline(store, cfg) -> dict[str, Any]:
     """k-means NMI (k = classes, 50 iterations, mean of eval.kmeans_runs seeds, raw pixels) and the probes on the raw
     pixels, same splits."""
-    from deepercluster.clustering.pca import fit_pca, l2_normalise
+    from deepercluster.clustering.pca import fit_pca
+    from deepercluster.clustering.whitening import whiten
     from deepercluster.data.shard import load_manifest
     from deepercluster.evaluation.metrics import kmeans_agreement
     from deepercluster.evaluation.pixels import pixel_features
@@ -148,7 +149,7 @@ def pixel_baseline(store, cfg) -> dict[str, Any]:
     out["probe_acc"] = linear_probe(x[s.train], ytr, x[s.test], yte, cfg.eval.probe_weight_decay,
                                     cfg.eval.probe_max_iter).test_acc
     out["knn_acc"] = knn_accuracy(x[s.train], ytr, x[s.test], yte, cfg.eval.knn_k)
-    w = l2_normalise(fit_pca(x, cfg.cluster.pca_dim).transform(x)).astype(np.float32)  # as the pipeline whitens
+    w = whiten(fit_pca(x, cfg.cluster.pca_dim), x)  # as the cluster stage whitens
     out["knn_whitened_acc"] = knn_accuracy(w[s.train], ytr, w[s.test], yte, cfg.eval.knn_k)
     return out
 

@@ -31,7 +31,8 @@ from PIL import Image  # noqa: E402
 
 from deepercluster.clustering.kmeans import ArrayVectors, kmeans  # noqa: E402
 from deepercluster.clustering.means import relu_cluster_means  # noqa: E402
-from deepercluster.clustering.pca import fit_pca, l2_normalise  # noqa: E402
+from deepercluster.clustering.pca import fit_pca  # noqa: E402
+from deepercluster.clustering.whitening import whiten as whiten_rows  # noqa: E402
 from deepercluster.config import ModelConfig  # noqa: E402
 from deepercluster.data.transforms import TrainingView, normalize_batch  # noqa: E402
 from deepercluster.evaluation.metrics import kmeans_agreement  # noqa: E402
@@ -132,7 +133,8 @@ def recalibrate_bn(body: torch.nn.Module, pixels: torch.Tensor, batch: int = 256
 
 
 def whiten(x: np.ndarray, dim: int) -> np.ndarray:
-    return l2_normalise(fit_pca(x, dim).transform(x)).astype(np.float32)
+    """PCA-whitened, L2-normalised rows on the k-means grid, as the cluster stage makes them."""
+    return whiten_rows(fit_pca(x, dim), x)
 
 
 def cluster(xw: np.ndarray, m: int, k: int, seed: int, r: int, niter: int) -> tuple[np.ndarray, np.ndarray]:
