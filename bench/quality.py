@@ -173,7 +173,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def format_summary(summary: pd.DataFrame, n_seeds: int) -> str:
+def format_summary(summary: pd.DataFrame) -> str:
     """The table as markdown, each cell ``mean +- std`` over the seeds."""
     head = "| method | seeds | " + " | ".join(MEASURES.values()) + " |"
     lines = [head, "|" + "---|" * (2 + len(MEASURES))]
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.round(3).to_string(index=False))
         print()
-        print(format_summary(summary, len(seeds)))
+        print(format_summary(summary))
     wall, cpu = time.perf_counter() - start_wall, cpu_seconds() - start_cpu
     print(f"total: {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min on {psutil.cpu_count()} cores; "
           f"config: {json.dumps({k: base[k] for k in ('data', 'model', 'train', 'eval')})}; "

@@ -37,6 +37,7 @@ from deepercluster.config import ModelConfig  # noqa: E402
 from deepercluster.data.transforms import TrainingView, normalize_batch  # noqa: E402
 from deepercluster.evaluation.metrics import kmeans_agreement  # noqa: E402
 from deepercluster.evaluation.probes import knn_accuracy, linear_probe  # noqa: E402
+from deepercluster.features.calibrate import calibrate_batchnorm  # noqa: E402
 from deepercluster.models import SubHeads, build_body, super_head  # noqa: E402
 from deepercluster.models.heads import init_heads_from_means  # noqa: E402
 from deepercluster.training.loss import hierarchical_loss  # noqa: E402
@@ -116,19 +117,10 @@ def features(body: torch.nn.Module, pixels: torch.Tensor, batch: int = 1024) -> 
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
 def recalibrate_bn(body: torch.nn.Module, pixels: torch.Tensor, batch: int = 256, max_images: int = 4096) -> None:
-    """Batch-norm running statistics set to the exact statistics of (up to ``max_images``) clustering views."""
-    bns = [m for m in body.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    body.train()
-    for i in range(0, min(len(pixels), max_images), batch):
-        body(normalize_batch(pixels[i:i + batch]))
-    for m, mom in zip(bns, momenta, strict=True):
-        m.momentum = mom
+    """The library's batch-norm calibration on (up to ``max_images``) clustering views, then eval mode."""
+    n = min(len(pixels), max_images)
+    calibrate_batchnorm(body, (normalize_batch(pixels[i:i + batch]) for i in range(0, n, batch)))
     body.eval()
 
 
@@ -170,23 +162,28 @@ def train_round(body, v: Variant, images, pixels, sup, sub, x_relu, seed: int, r
     head_classes = v.m if v.share_rotations else n_super
     subs = SubHeads(body.feature_dim, head_classes, v.k, seed=int(gen)) if v.k > 1 else None
     if v.head_init == "centroids" and subs is not None:
-        means, within = {}, 0.0
-        for s in range(v.m):
-            rows = np.flatnonzero(sup == s)
-            mu, w = relu_cluster_means(ArrayVectors(x_relu[rows]), sub[rows], v.k)
-            means[s], within = torch.from_numpy(mu), within + w
+
+        def super_means(h: np.ndarray) -> tuple[list[torch.Tensor], float]:
+            """Per super-cluster: the mean of ``h`` over each sub-cluster; and the summed spread."""
+            out, within = [], 0.0
+            for s in range(v.m):
+                rows = np.flatnonzero(sup == s)
+                mu, w = relu_cluster_means(ArrayVectors(h[rows]), sub[rows], v.k)
+                out.append(torch.from_numpy(mu))
+                within += w
+            return out, within
+
+        upright, within = super_means(x_relu)
         temperature = within / len(x_relu)
         if v.rot_means and not v.share_rotations and n_rot > 1:
-            by_class = {s * n_rot: means[s] for s in range(v.m)}
+            by_class = {s * n_rot: mu for s, mu in enumerate(upright)}
             for t in range(1, n_rot):
-                ht = np.maximum(features(body, torch.rot90(pixels, t, dims=(1, 2))), 0)
-                for s in range(v.m):
-                    rows = np.flatnonzero(sup == s)
-                    by_class[s * n_rot + t] = torch.from_numpy(relu_cluster_means(ArrayVectors(ht[rows]), sub[rows],
-                                                                                   v.k)[0])
+                rotated, _ = super_means(np.maximum(features(body, torch.rot90(pixels, t, dims=(1, 2))), 0))
+                by_class.update({s * n_rot + t: mu for s, mu in enumerate(rotated)})
             init_heads_from_means(subs, by_class, temperature, n_rotations=1)
         else:
-            init_heads_from_means(subs, means, temperature, n_rotations=1 if v.share_rotations else n_rot)
+            init_heads_from_means(subs, dict(enumerate(upright)), temperature,
+                                  n_rotations=1 if v.share_rotations else n_rot)
     params = [{"params": body.parameters(), "lr": v.lr}]
     heads = [h for h in (head, subs) if h is not None]
     params += [{"params": h.parameters(), "lr": v.head_lr or v.lr} for h in heads]
@@ -255,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
                    "without fields; use ';' when a variant has fields")
     p.add_argument("--out", default=None, help="append every history row here (jsonl)")
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     sep = ";" if ";" in args.variants or ":" in args.variants else ","
     variants = [parse_variant(t.strip(), args) for t in args.variants.split(sep) if t.strip()]
     images, y = load_images(args.data, args.limit)
