@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deepercluster.config import PRESETS, load_config
+from deepercluster.config import PRESETS, PipelineConfig, load_config
 from deepercluster.errors import DeeperClusterError
 from deepercluster.store import ROUND_STAGES, STAGES, RunStore, export_storage_options
 
@@ -40,29 +40,39 @@ def run(
     run_dir: Annotated[str | None, typer.Option("--run", "-r", help="run store (path or URL)")] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help=f"preset: {', '.join(PRESETS)}")] = None,
 ) -> None:
-    """Run (or resume) the whole pipeline: shard, then extract -> cluster -> train -> evaluate per round."""
-    from deepercluster.run import default_run_dir, init_run
+    """Run, resume or extend the pipeline: shard, then extract -> cluster -> train -> evaluate per round. On an
+    existing run, a changed config recomputes exactly the stages whose fingerprinted fields changed."""
+    from deepercluster.lease import acquire_lease
+    from deepercluster.run import default_run_dir, init_run, run_identity
+    from deepercluster.stages import run_plan
 
     try:
         cfg = load_config(config, method=method)
         export_storage_options(cfg.runtime.storage_options)  # for this process and the workers it starts
         store = RunStore(run_dir or default_run_dir(cfg))
-        init_run(store, cfg)
+        lease = acquire_lease(store, "deepercluster run")
     except DeeperClusterError as err:
         _fail(err)
-    console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  config={cfg.hash}  rounds={cfg.rounds}")
-    _prefect_env()
-    from flows.pipeline import pipeline_flow
-
     try:
-        if cfg.method == "clusterfit":
-            from flows.clusterfit import clusterfit_flow
+        changes = init_run(store, cfg)
+        console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  identity={run_identity(cfg)[:8]}  "
+                      f"rounds={cfg.rounds}", highlight=False)
+        for change in changes:
+            console.print(f"config changed: {change}", highlight=False)
+        if cfg.method != "clusterfit":
+            for state in run_plan(store, cfg):
+                if state.status == "stale":
+                    console.print(f"recomputed: {state.describe()}", highlight=False)
+        _prefect_env()
+        from flows.pipeline import pipeline_flow
 
-            console.print(clusterfit_flow(store.uri))
-        else:
-            pipeline_flow(store.uri)
+        result = pipeline_flow(store.uri)
     except DeeperClusterError as err:
         _fail(err)
+    finally:
+        lease.release()
+    if cfg.method == "clusterfit":
+        console.print(result[0])
     console.print(history_table(store))
     console.print(f"artifacts in {store.uri}")
 
@@ -74,14 +84,14 @@ def stage(
     round_: Annotated[int, typer.Option("--round", help="round (ignored by shard)")] = 0,
     force: Annotated[bool, typer.Option("--force", help="recompute even the units already done")] = False,
 ) -> None:
-    """Run (or rerun with --force) one stage of an existing run: the flow the `stage/NAME` deployments run."""
-    from deepercluster.run import check_stage, open_run
+    """Run (or rerun with --force) one stage of an existing run: the flow the `stage/NAME` deployments run. Stages
+    that read its outputs become stale: the next `deepercluster run` recomputes them."""
+    from deepercluster.run import open_run
+    from deepercluster.stages import get_stage
 
-    if name not in STAGES:
-        _fail(ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}"))
     try:
         store, cfg = open_run(run_dir)
-        check_stage(cfg, name, round_)
+        get_stage(name).check_round(cfg, round_)
     except DeeperClusterError as err:
         _fail(err)
     _prefect_env()
@@ -91,7 +101,7 @@ def stage(
         result = stage_flow(store.uri, name, round_, force=force)
     except DeeperClusterError as err:
         _fail(err)
-    summary = {k: v for k, v in result.items() if isinstance(v, int | float | str) and k not in ("unit", "pid")}
+    summary = {k: v for k, v in result.items() if isinstance(v, int | float | str) and k not in ("unit", "pid", "id")}
     console.print(f"{name} done: {summary}")
 
 
@@ -115,14 +125,19 @@ def inspect(
         store, cfg = open_run(run_dir)
     except DeeperClusterError as err:
         _fail(err)
-    console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  config={cfg.hash}")
+    from deepercluster.lease import read_lease
+
+    console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  rounds={cfg.rounds}", highlight=False)
+    owner = read_lease(store)
+    if owner:
+        console.print(f"in use by {owner['what']} (host {owner['host']}, pid {owner['pid']})", highlight=False)
     if shards:
         print_shards(store)
         return
     if features:
         print_features(store, round_, image, neighbours, png)
         return
-    console.print(completion_table(store, cfg.rounds))
+    console.print(completion_table(store, cfg))
     console.print(history_table(store))
     print_clusters(store, cfg.rounds, cfg.cluster.n_targets, galleries)
 
@@ -223,25 +238,31 @@ def print_shards(store: RunStore, head: int = 10) -> None:
     console.print(table)
 
 
-def completion_table(store: RunStore, rounds: int) -> Table:
-    from deepercluster.data.shard import MANIFEST
+def completion_table(store: RunStore, cfg: PipelineConfig) -> Table:
+    """Each stage of each round against the current config: done, stale (and why, below), units done, or -."""
+    from deepercluster.stages import run_plan
 
+    states = run_plan(store, cfg)
+    shard = states[0]
+    info = store.done_record("shard", None, "_stage")
+    if shard.status == "done" and info:
+        console.print(f"shard: done, {info['images']} images, {info['rejects']} rejects")
+    else:
+        console.print(f"shard: {shard.status}, {len(store.done_units('shard', None))} units done", highlight=False)
+    cells: dict[tuple[int, str], str] = {}
+    for st in states[1:]:
+        n = len(store.done_units(st.name, st.round))
+        cells[st.round, st.name] = {"done": "[green]done[/]", "stale": "[yellow]stale[/]"}.get(
+            st.status, f"{n} units" if n else "-")
     table = Table(title="stages (done units)")
     table.add_column("round")
-    for s in ROUND_STAGES:
-        table.add_column(s)
-    shard_info = store.done_record("shard", None, "_stage")
-    if shard_info:
-        console.print(f"shard: done, {shard_info['images']} images, {shard_info['rejects']} rejects "
-                      f"({store.url(MANIFEST)})")
-    else:
-        console.print(f"shard: {len(store.done_units('shard', None))} parts scanned, not finalised")
-    for r in range(rounds):
-        cells = []
-        for s in ROUND_STAGES:
-            n = len(store.done_units(s, r))
-            cells.append("[green]done[/]" if store.stage_done(s, r) else (f"{n} units" if n else "-"))
-        table.add_row(str(r), *cells)
+    for name in ROUND_STAGES:
+        table.add_column(name)
+    for r in sorted({r for r, _ in cells}):
+        table.add_row(str(r), *[cells.get((r, name), "") for name in ROUND_STAGES])
+    for st in states:
+        if st.status == "stale":
+            console.print(f"stale: {st.describe()}", highlight=False)
     return table
 
 

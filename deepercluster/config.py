@@ -2,8 +2,9 @@
 
 A config is built from a method preset (``deepcluster``, ``rotnet``, ``deepercluster``) with the user's YAML
 merged on top, then validated by pydantic. Every error a user can make is reported in one line through
-:class:`ConfigError`. The resolved config is saved into the run with its hash; the ``runtime`` section (where
-to compute: Dask address, number of workers, device) is left out of the hash because it does not change results.
+:class:`ConfigError`. The resolved config is saved into the run (``config.yaml``, with its schema version and its
+hash); the ``runtime`` section (where to compute: Dask address, number of workers, device) is left out of the hash.
+A saved config is read back without looking at the disk: its data source may have moved since.
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from deepercluster.errors import ConfigError
 
@@ -27,10 +39,37 @@ BUNDLED_SOURCES = {"digits": 1797}
 MIN_IMAGE_SIZE = {"smallnet": 8, "alexnet": 64, "vgg16": 32, "resnet18": 32, "resnet50": 32}
 # keys that moved from a hashed section to ``runtime``, still accepted (with a warning) at their old place
 MOVED_TO_RUNTIME = {"cluster": {"memory_budget_mb", "stream_threads"}}
+# version of the layout of a saved config.yaml; a config saved without one predates it and is version 1
+SCHEMA_VERSION = 1
+_NEUTRAL = "(result-neutral: not fingerprinted)"
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type takes numbers: int, float, a union or a tuple of them (bool excluded)."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) in (Union, types.UnionType, tuple):
+        return any(_is_number(arg) for arg in get_args(annotation) if arg is not Ellipsis)
+    return False
+
+
+def _saved(info: ValidationInfo) -> bool:
+    """Whether a config saved into a run is being read back (nothing of it is checked against the disk then)."""
+    return bool(info.context and info.context.get("saved"))
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # stricter than YAML: a float must be finite (``.inf``, ``.nan`` are refused) and a boolean is no number
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``true`` as 1 for an int or float field: ``rounds: true`` is a mistake, not one round."""
+        values = v if isinstance(v, list | tuple) else [v]
+        if any(isinstance(x, bool) for x in values) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expects a number, got a boolean ({json.dumps(v, default=str)})")
+        return v
 
 
 class DataConfig(_Section):
@@ -49,14 +88,15 @@ class DataConfig(_Section):
                                       "'s3://bucket/{hash[:3]}/{hash[3:6]}/{hash}.jpg' or '/mirror/{id}.jpg'")
     id_list: str | None = Field(None, description="yfcc100m: keep only these photo ids (.npy, .txt or .parquet)")
     part_size: int = Field(2048, ge=1, description="listing rows per scan task (the shard stage's unit of work); "
-                           "fewer, larger parts cost less bookkeeping, more parts balance better across workers")
+                           "fewer, larger parts cost less bookkeeping, more parts balance better across workers "
+                           + _NEUTRAL)
     repack: bool = Field(False, description="also copy the kept images of each shard into one webdataset tar "
                          "(data/packed/shard-XXXXX.tar) that the extract and train stages then read sequentially")
 
     @field_validator("source")
     @classmethod
-    def _source_exists(cls, v: str) -> str:
-        if v in BUNDLED_SOURCES or "://" in v:
+    def _source_exists(cls, v: str, info: ValidationInfo) -> str:
+        if v in BUNDLED_SOURCES or "://" in v or _saved(info):  # a saved source was resolved when it was built
             return v
         path = Path(v).expanduser()
         if "{" in v:  # a brace pattern of webdataset tars: its folder must exist
@@ -107,12 +147,13 @@ class ExtractConfig(_Section):
     layer: str = Field("output", description="'output' (the body's feature layer: fc7 pre-ReLU for VGG/AlexNet, "
                        "pooled last conv for ResNet) or a module of the body, e.g. 'trunk.layer3' (conv maps are "
                        "average-pooled)")
-    decode_threads: int = Field(2, ge=1, description="threads decoding images ahead of the forward pass")
-    prefetch_batches: int = Field(2, ge=1, description="batches decoding ahead of the forward pass (>= threads)")
+    decode_threads: int = Field(2, ge=1, description="threads decoding images ahead of the forward pass " + _NEUTRAL)
+    prefetch_batches: int = Field(2, ge=1, description="batches decoding ahead of the forward pass (>= threads) "
+                                  + _NEUTRAL)
     autocast: Literal["bfloat16", "float16", "off"] = Field("bfloat16", description="CUDA autocast (CPU: float32)")
     shards_per_task: int = Field(4, ge=1, description="consecutive image shards one Dask task extracts in one stream "
                                  "(each still written and recorded on its own): no pipeline drain between them, and "
-                                 "the write of one overlaps the next")
+                                 "the write of one overlaps the next " + _NEUTRAL)
 
 
 class ClusterConfig(_Section):
@@ -145,7 +186,7 @@ class TrainConfig(_Section):
     epoch_images: int | None = Field(None, ge=1, description="images drawn (uniformly over the clusters) per epoch; "
                                      "default: as many as the round's images. A fixed epoch size, as DeeperCluster's, "
                                      "keeps a round's cost independent of the dataset size")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank " + _NEUTRAL)
     nnodes: int = Field(1, ge=1, description="torchrun nodes (world = nnodes x nproc); more than 1 needs "
                         "runtime.rdzv_endpoint")
     head_init: Literal["random", "centroids"] = Field(
@@ -212,8 +253,8 @@ class ClusterFitConfig(_Section):
 
     @field_validator("checkpoint")
     @classmethod
-    def _checkpoint_exists(cls, v: str | None) -> str | None:
-        if v is None or "://" in v:
+    def _checkpoint_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or "://" in v or _saved(info):  # a saved checkpoint path was resolved when it was built
             return v
         path = Path(v).expanduser()
         if not path.is_file():
@@ -222,7 +263,8 @@ class ClusterFitConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """Where to compute. Not part of the config hash: it never changes the results."""
+    """Where to compute. Not part of the config hash (nor of any stage's fingerprint): the same run can resume on
+    other machines. The device and the thread counts may still change floating-point rounding."""
 
     dask_address: str | None = Field(None, description="existing Dask scheduler (tcp://host:8786); default local")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes when no address is given")
@@ -323,7 +365,63 @@ class PipelineConfig(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump({**self.model_dump(mode="json"), "config_hash": self.hash}, sort_keys=False)
+        """The config saved into a run; ``config_hash`` is informative (it is recomputed when read back)."""
+        return yaml.safe_dump({"schema_version": SCHEMA_VERSION, **self.model_dump(mode="json"),
+                               "config_hash": self.hash}, sort_keys=False)
+
+
+# Fields that never change results: a stage's fingerprint leaves them out, so changing one never redoes work.
+RESULT_NEUTRAL: frozenset[str] = frozenset({
+    # only splits the listing into scan tasks: the manifest keeps the listing's order whatever the parts
+    "data.part_size",
+    # decode threads and prefetch only change when images are decoded, not which images make each batch
+    "extract.decode_threads",
+    "extract.prefetch_batches",
+    # groups consecutive shards into one task, but a batch never mixes two shards: the batches stay the same
+    "extract.shards_per_task",
+    # the DataLoader workers deliver the same samples (each seeded by the sampler) in the same order
+    "train.loader_workers",
+    # NOT here: extract.batch_size (a batch's size changes the floating-point reductions of the forward pass)
+}) | frozenset(
+    # runtime is where to compute, deliberately out of the hash and of every fingerprint so that a run resumes on
+    # other machines, although runtime.device and some thread counts do change floating-point rounding
+    f"runtime.{name}" for name in RuntimeConfig.model_fields
+)
+
+
+def _field(dotted: str) -> FieldInfo:
+    """The pydantic FieldInfo of a dotted config field (``cluster.k``); ConfigError if there is none."""
+    model: type[BaseModel] | None = PipelineConfig
+    info = None
+    for name in dotted.split("."):
+        if model is None or name not in model.model_fields:
+            raise ConfigError(f"unknown config field {dotted!r}")
+        info = model.model_fields[name]
+        section = info.annotation
+        model = section if isinstance(section, type) and issubclass(section, BaseModel) else None
+    assert info is not None
+    return info
+
+
+def field_description(dotted: str) -> str:
+    """Description of a dotted config field (``cluster.k``), '' when it has none; ConfigError if unknown."""
+    return _field(dotted).description or ""
+
+
+def iter_fields(cfg: PipelineConfig) -> Iterator[tuple[str, Any, Any, str]]:
+    """``(dotted name, value, default, description)`` of every leaf field of ``cfg``, in declaration order, the
+    sections flattened with dots (``clusterfit.model.arch``). The default is the field's own, not a preset's."""
+
+    def walk(section: BaseModel, prefix: str) -> Iterator[tuple[str, Any, Any, str]]:
+        for name, info in type(section).model_fields.items():
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                yield from walk(value, f"{prefix}{name}.")
+            else:
+                yield (f"{prefix}{name}", value, info.get_default(call_default_factory=True),
+                       info.description or "")
+
+    yield from walk(cfg, "")
 
 
 # Method presets: what each paper's method means in this pipeline (see ARCHITECTURE.md).
@@ -366,20 +464,79 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def build_config(overrides: dict[str, Any] | None = None, method: str | None = None) -> PipelineConfig:
-    """Preset of ``method`` (or of ``overrides['method']``) with ``overrides`` merged on top, validated."""
+def _check_schema_version(version: Any) -> None:
+    if version is None:  # saved before configs had a version
+        return
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        given = json.dumps(version, default=str)
+        raise ConfigError(f"invalid config: schema_version: expects an integer >= 1, got {given}")
+    if version > SCHEMA_VERSION:
+        raise ConfigError(f"config written by a newer deepercluster (schema {version}, this one reads up to "
+                          f"{SCHEMA_VERSION}): upgrade")
+
+
+def _build(overrides: dict[str, Any] | None, method: str | None, saved: bool) -> PipelineConfig:
     overrides = dict(overrides or {})
+    _check_schema_version(overrides.pop("schema_version", None))
+    overrides.pop("config_hash", None)
     method = method or overrides.get("method") or "deepercluster"
     if method not in PRESETS:
         raise ConfigError(f"invalid config: method: unknown method {method!r}; choose one of {', '.join(PRESETS)}")
-    source = (overrides.get("data") or {}).get("source", DataConfig.model_fields["source"].default)
+    data, default_source = overrides.get("data"), DataConfig.model_fields["source"].default
+    source = data.get("source", default_source) if isinstance(data, dict) else default_source
     base = _deep_merge(PRESETS[method], SOURCE_DEFAULTS.get(source, {}))
     merged = _deep_merge(base, {**overrides, "method": method})
-    merged.pop("config_hash", None)
     try:
-        return PipelineConfig.model_validate(merged)
+        return PipelineConfig.model_validate(merged, context={"saved": saved})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def build_config(overrides: dict[str, Any] | None = None, method: str | None = None) -> PipelineConfig:
+    """Preset of ``method`` (or of ``overrides['method']``) with ``overrides`` merged on top, validated."""
+    return _build(overrides, method, saved=False)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} is given twice (lines {first} and {again}): keep one")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges keys that may then be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # unhashable key: the SafeLoader reports it
+                continue
+            if seen is not None:
+                raise _DuplicateKeyError(key, seen, key_node.start_mark.line + 1)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, where: str, empty_hint: str) -> dict[str, Any]:
+    """The mapping of sections a config's YAML holds; every problem is a one-line ConfigError naming ``where``."""
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
+    if loaded is None:
+        raise ConfigError(f"{where} is empty: {empty_hint}")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, method: str | None = None) -> PipelineConfig:
@@ -389,16 +546,13 @@ def load_config(path: str | Path | None = None, method: str | None = None) -> Pi
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
-        overrides = loaded or {}
+        overrides = _parse_yaml(p.read_text(), f"config file {str(p)!r}",
+                                "give at least one field, or leave out --config to use the preset's defaults")
     return build_config(overrides, method=method)
 
 
-def config_from_yaml_text(text: str) -> PipelineConfig:
-    """Rebuild a config saved into a run (``config.yaml``)."""
-    return build_config(yaml.safe_load(text))
+def config_from_yaml_text(text: str, where: str = "saved config") -> PipelineConfig:
+    """Rebuild a config saved into a run (``config.yaml``). Nothing is checked against the disk (the data source or
+    the clusterfit checkpoint may have moved since); fields the config predates take their defaults."""
+    overrides = _parse_yaml(text, where, "restore the run's config.yaml, or start a new run")
+    return _build(overrides, None, saved=True)

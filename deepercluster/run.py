@@ -1,31 +1,59 @@
-"""Opening a run: bind a config to a run store, or read back the config a run was made with."""
+"""Opening a run: bind a config to a run store, or read back the config a run was made with.
+
+A run's config may change after it started: a changed field recomputes exactly the stages that read it (see
+:mod:`deepercluster.stages.lineage`), ``rounds`` may be raised (the run continues), and fields added by a newer
+version of the package take their defaults. What cannot change is the method, and ``rounds`` cannot go down."""
 
 from __future__ import annotations
 
-from deepercluster.config import PipelineConfig, config_from_yaml_text
+import hashlib
+import json
+
+from deepercluster.config import RESULT_NEUTRAL, PipelineConfig, config_from_yaml_text, iter_fields
 from deepercluster.errors import ConfigError, StoreError
-from deepercluster.store import STAGES, RunStore
+from deepercluster.store import RunStore
 
 CONFIG_FILE = "config.yaml"
 
 
+def run_identity(cfg: PipelineConfig) -> str:
+    """A short hash of what makes a run's results, stable across upgrades: the fields that differ from their
+    default, minus the result-neutral ones and ``rounds`` (a run extended by more rounds is the same run)."""
+    chosen = {name: value for name, value, default, _ in iter_fields(cfg)
+              if value != default and name not in RESULT_NEUTRAL and name != "rounds"
+              and not name.startswith("runtime.")}
+    blob = json.dumps(chosen, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def default_run_dir(cfg: PipelineConfig) -> str:
-    """Where ``deepercluster run`` puts a run when no ``--run`` is given: one folder per method and config hash."""
-    return f"runs/{cfg.method}-{cfg.hash[:8]}"
+    """Where ``deepercluster run`` puts a run when no ``--run`` is given: one folder per method and identity."""
+    return f"runs/{cfg.method}-{run_identity(cfg)[:8]}"
 
 
-def init_run(store: RunStore, cfg: PipelineConfig) -> None:
-    """Save ``cfg`` into a new run, or check that an existing run was made with the same config (resume)."""
+def config_changes(old: PipelineConfig, new: PipelineConfig) -> list[str]:
+    """``field old -> new`` for every field whose value differs."""
+    before = {name: value for name, value, _, _ in iter_fields(old)}
+    return [f"{name} {before.get(name)!r} -> {value!r}" for name, value, _, _ in iter_fields(new)
+            if before.get(name) != value]
+
+
+def init_run(store: RunStore, cfg: PipelineConfig) -> list[str]:
+    """Save ``cfg`` into a new run, or into an existing one (resume, or a changed config); returns the changes."""
+    changes: list[str] = []
     if store.exists(CONFIG_FILE):
         existing = load_run_config(store)
-        if existing.hash != cfg.hash:
-            raise ConfigError(
-                f"run {store.uri} was made with another config (hash {existing.hash}, now {cfg.hash}): "
-                "use a new --run directory to start a different run"
-            )
-        if existing.runtime == cfg.runtime:
-            return
+        if existing.method != cfg.method:
+            raise ConfigError(f"run {store.uri} is a {existing.method} run: use a new --run directory for "
+                              f"{cfg.method}")
+        if cfg.rounds < existing.rounds:
+            raise ConfigError(f"run {store.uri} has {existing.rounds} rounds: rounds can be raised, not lowered "
+                              f"(to {cfg.rounds}); use a new --run directory for fewer rounds")
+        changes = config_changes(existing, cfg)
+        if not changes and existing.to_yaml() == cfg.to_yaml():
+            return []
     store.write_text(CONFIG_FILE, cfg.to_yaml())
+    return changes
 
 
 def open_run(run_uri: str) -> tuple[RunStore, PipelineConfig]:
@@ -34,15 +62,8 @@ def open_run(run_uri: str) -> tuple[RunStore, PipelineConfig]:
     return store, load_run_config(store)
 
 
-def check_stage(cfg: PipelineConfig, stage: str, r: int) -> None:
-    """Raise a one-line error unless ``stage`` is a stage name and ``r`` one of the run's rounds (shard: any)."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    if stage != "shard" and not 0 <= r < cfg.rounds:
-        raise ConfigError(f"round {r} is outside this run's rounds 0..{cfg.rounds - 1}")
-
-
 def load_run_config(store: RunStore) -> PipelineConfig:
+    """The run's saved config (the data source and checkpoints it names are not looked at)."""
     if not store.exists(CONFIG_FILE):
         raise StoreError(f"{store.uri} is not a run (no {CONFIG_FILE}): start it with `deepercluster run`")
-    return config_from_yaml_text(store.read_text(CONFIG_FILE))
+    return config_from_yaml_text(store.read_text(CONFIG_FILE), where=store.url(CONFIG_FILE))

@@ -231,20 +231,34 @@ class RunStore:
 
     # ---- completion records -----------------------------------------------------------------------------------
     @staticmethod
-    def _scope(stage: str, r: int | None) -> str:
+    def scope(stage: str, r: int | None) -> str:
+        """The folder a stage's records live under: ``data`` for the data stages, else its round's."""
         if stage in DATA_STAGES:
             return "data"
-        if stage not in ROUND_STAGES:
-            raise StoreError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
         if r is None:
             raise StoreError(f"stage {stage!r} needs a round")
         return round_dir(r)
 
     def _record(self, stage: str, r: int | None, unit: str) -> str:
-        return f"{self._scope(stage, r)}/_done/{stage}/{unit}.json"
+        return f"{self.scope(stage, r)}/_done/{stage}/{unit}.json"
+
+    def lineage_rel(self, stage: str, r: int | None) -> str:
+        """Where the lineage (fingerprint) of a stage's current outputs is kept (see ``stages.lineage``)."""
+        return f"{self.scope(stage, r)}/_lineage/{stage}.json"
+
+    def fingerprint(self, stage: str, r: int | None) -> str | None:
+        """The fingerprint of the lineage the stage's outputs are being made under (None before the stage ran)."""
+        rel = self.lineage_rel(stage, r)
+        return self.read_json(rel)["fingerprint"] if self.exists(rel) else None
 
     def mark_done(self, stage: str, r: int | None, unit: str, info: dict[str, Any] | None = None) -> None:
-        record = {"unit": unit, "finished_at": time.time(), "pid": os.getpid(), **(info or {})}
+        """Write a unit's completion record: a fresh ``id`` (what later stages' fingerprints name) and the
+        fingerprint of the stage's lineage when there is one."""
+        record = {"unit": unit, "id": uuid.uuid4().hex, "finished_at": time.time(), "pid": os.getpid(),
+                  **(info or {})}
+        fingerprint = self.fingerprint(stage, r)
+        if fingerprint:
+            record["fingerprint"] = fingerprint
         self.write_json(self._record(stage, r, unit), record)
 
     def is_done(self, stage: str, r: int | None, unit: str) -> bool:
@@ -255,7 +269,7 @@ class RunStore:
 
     def done_units(self, stage: str, r: int | None) -> list[str]:
         """Units of ``stage`` that have a completion record (the stage record excluded)."""
-        names = self.listdir(f"{self._scope(stage, r)}/_done/{stage}")
+        names = self.listdir(f"{self.scope(stage, r)}/_done/{stage}")
         return [n[:-5] for n in names
                 if n.endswith(".json") and n != f"{STAGE_DONE}.json" and not n.startswith(TMP_PREFIX)]
 
@@ -266,8 +280,9 @@ class RunStore:
         self.mark_done(stage, r, STAGE_DONE, info)
 
     def reset_stage(self, stage: str, r: int | None) -> None:
-        """Forget every completion record of a stage (``--force``): its units will be recomputed."""
-        self.remove(f"{self._scope(stage, r)}/_done/{stage}")
+        """Forget every completion record of a stage and its lineage (``--force``): its units will be recomputed."""
+        self.remove(f"{self.scope(stage, r)}/_done/{stage}")
+        self.remove(self.lineage_rel(stage, r))
 
 
 def _protocol(uri: str) -> str:

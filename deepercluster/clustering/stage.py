@@ -47,7 +47,8 @@ from deepercluster.store import PARQUET_ROWS, RunStore
 
 __all__ = [
     "STAGE", "LEVEL1_UNIT", "assignments_rel", "clusters_rel", "cluster_stats", "cluster_super", "finalize_cluster",
-    "load_assignments", "load_round_features", "prepare_cluster", "run_cluster_stage", "whitened_features",
+    "discard_cluster", "load_assignments", "load_round_features", "prepare_cluster", "super_unit",
+    "whitened_features",
 ]
 
 LEVEL1_UNIT = "level1"
@@ -94,16 +95,14 @@ def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray |
                            exact_distances=exact_distances), streamed
 
 
-def _discard(store: RunStore, r: int) -> None:
-    """Forget a half-made stage (bad input): nothing of it stays in the store."""
+def discard_cluster(store: RunStore, r: int) -> None:
+    """Forget the stage (bad input, ``--force``, a changed fingerprint): nothing of it stays in the store."""
     store.reset_stage(STAGE, r)
     store.remove(clusters_rel(r))
 
 
-def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> list[int]:
+def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> list[int]:
     """PCA + whitening + level 1; returns the super-clusters whose level-2 unit is still to do."""
-    if force:
-        _discard(store, r)
     n = int(open_round_features(store, r).shape[0])
     m, k = cfg.cluster.super_clusters, cfg.cluster.k
     if m * k > n:
@@ -113,7 +112,7 @@ def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int, force: bool = 
         try:
             whiten_round(store, cfg, r, ensure_pca(store, cfg, r))
         except DataError:
-            _discard(store, r)
+            discard_cluster(store, r)
             raise
         release()
         if m > 1:
@@ -228,15 +227,6 @@ def cluster_stats(sizes: np.ndarray) -> dict:
         # 1.0 when every non-empty cluster has the same size
         "balance": float(-(p * np.log(p)).sum() / np.log(len(nonempty))) if len(nonempty) > 1 else 1.0,
     }
-
-
-def run_cluster_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict:
-    """The whole stage in this process (the Prefect flow fans ``cluster_super`` out over Dask instead)."""
-    if not force and store.stage_done(STAGE, r):
-        return store.read_json(clusters_rel(r, "stats.json"))
-    for s in prepare_cluster(store, cfg, r, force=force):
-        cluster_super(store, cfg, r, s)
-    return finalize_cluster(store, cfg, r)
 
 
 def load_assignments(store: RunStore, r: int) -> pd.DataFrame:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,13 +27,12 @@ import pyarrow.parquet as pq
 from deepercluster.config import DataConfig
 from deepercluster.data.images import probe
 from deepercluster.data.parquet_stream import ParquetStream, read_table, write_table
-from deepercluster.data.repack import PACKED, finalize_repack, repack_shard
+from deepercluster.data.repack import PACKED, finalize_repack
 from deepercluster.data.sources import extra_columns, iter_source, source_kind
 from deepercluster.errors import ConfigError
 from deepercluster.store import RunStore
 
 STAGE = "shard"
-PART_SIZE = 2048  # the default of ``DataConfig.part_size``
 LISTING = "data/listing"
 LISTING_DONE = f"{LISTING}/_complete.json"
 PARTS = "data/parts"
@@ -207,28 +205,7 @@ def _write_manifest(store: RunStore, cfg: DataConfig) -> dict:
     return info
 
 
-# ---- the whole stage ----------------------------------------------------------------------------------------------
-def run_shard_stage(store: RunStore, cfg: DataConfig, force: bool = False,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
-    """The whole stage in this process (the Prefect flow fans ``scan_part`` out over Dask instead);
-    ``progress(done, total)`` is called after each part."""
-    if force:
-        reset_shard_stage(store)
-    elif store.stage_done(STAGE, None):
-        return store.done_record(STAGE, None, "_stage")
-    parts = list_source(store, cfg)
-    for i, part in enumerate(parts):
-        scan_part(store, cfg, part)
-        if progress:
-            progress(i + 1, len(parts))
-    info = finalize_manifest(store, cfg)
-    if cfg.repack:
-        for s in range(info["shards"]):
-            repack_shard(store, cfg, s)
-        info = finalize_shard_stage(store, cfg)
-    return info
-
-
+# ---- the end of the stage -----------------------------------------------------------------------------------------
 def finalize_shard_stage(store: RunStore, cfg: DataConfig) -> dict:
     """After the manifest (and, with ``cfg.repack``, every packed shard): the stage's record."""
     info = finalize_manifest(store, cfg)
@@ -240,7 +217,7 @@ def finalize_shard_stage(store: RunStore, cfg: DataConfig) -> dict:
 
 def reset_shard_stage(store: RunStore) -> None:
     store.reset_stage(STAGE, None)
-    for rel in (LISTING, PARTS, MANIFEST, REJECTS, PACKED, "data/listing.parquet"):
+    for rel in (LISTING, PARTS, MANIFEST, REJECTS, PACKED):
         store.remove(rel)
 
 
@@ -272,12 +249,6 @@ def load_manifest_shard(store: RunStore, shard: int, columns: list[str] | None =
 
 def shard_ids(manifest: pd.DataFrame) -> list[int]:
     return sorted(int(s) for s in manifest["shard"].unique())
-
-
-def listing_size(store: RunStore) -> int | None:
-    """Rows of the listing once it is complete (for progress reports)."""
-    return store.read_json(LISTING_DONE)["rows"] if store.exists(LISTING_DONE) else None
-
 
 
 def shard_summary(store: RunStore, sample: int = 5, seed: int = 0) -> dict:

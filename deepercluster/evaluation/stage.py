@@ -102,9 +102,8 @@ def probe_metrics(store: RunStore, cfg: PipelineConfig, r: int, manifest: pd.Dat
     return out
 
 
-def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict:
-    if not force and store.stage_done(STAGE, r):
-        return store.read_json(metrics_rel(r))
+def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
+    """Every metric of round ``r``'s features: ``metrics.json``, the round's history row, the stage record."""
     if not store.exists(f"{features_rel(r)}/zarr.json"):
         raise StoreError(f"evaluate round {r}: {store.url(features_rel(r))} is missing: run the extract stage first")
     manifest = load_manifest(store)

@@ -16,14 +16,13 @@ from deepercluster.features.model import (
 )
 from deepercluster.features.stage import (
     STAGE,
-    extract_rows,
-    extract_shard,
+    discard_extract,
     extract_shards,
     finalize_extract,
-    prepare_extract,
-    run_extract_stage,
+    prepare_features,
     shard_groups,
     shard_rows,
+    shards_todo,
     unit_name,
 )
 
@@ -31,8 +30,7 @@ __all__ = [
     "STAGE",
     "FeatureModel",
     "ensure_round_model",
-    "extract_rows",
-    "extract_shard",
+    "discard_extract",
     "extract_shards",
     "feature_dim",
     "features_group_rel",
@@ -43,9 +41,9 @@ __all__ = [
     "model_loads",
     "model_rel",
     "open_features",
-    "prepare_extract",
-    "run_extract_stage",
+    "prepare_features",
     "shard_groups",
     "shard_rows",
+    "shards_todo",
     "unit_name",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from deepercluster.config import PipelineConfig
 from deepercluster.data.repack import packed_uris
-from deepercluster.data.shard import MANIFEST, load_manifest, shard_ids
+from deepercluster.data.shard import MANIFEST
 from deepercluster.device import cpu_compute, resolve_device
 from deepercluster.errors import DataError, StoreError
 from deepercluster.features.array import create_features, features_group_rel, open_features, seal_features
@@ -35,18 +35,28 @@ def unit_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def prepare_extract(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> list[int]:
-    """Create the round model and the feature array if needed; return the shards still to extract."""
-    if force:
-        store.reset_stage(STAGE, r)
-        store.remove(features_group_rel(r))
+def prepare_features(store: RunStore, cfg: PipelineConfig, r: int) -> None:
+    """Create the round model (round 0) and the empty feature array if needed."""
     ensure_round_model(store, cfg, r)
-    shards = store.read_parquet(MANIFEST, columns=["shard"])["shard"]
+    n = store.done_record("shard", None, "_stage")["images"]
     attrs = {"round": r, "arch": cfg.model.arch, "layer": cfg.extract.layer, "image_size": cfg.data.image_size,
-             "crop_ratio": cfg.data.crop_ratio, "config_hash": cfg.hash}
-    create_features(store, r, len(shards), feature_dim(store, cfg, r), cfg.data.shard_size, attrs)
+             "crop_ratio": cfg.data.crop_ratio}
+    create_features(store, r, n, feature_dim(store, cfg, r), cfg.data.shard_size, attrs)
+
+
+def shards_todo(store: RunStore, r: int) -> list[int]:
+    """The image shards of the run whose features are not recorded yet."""
     done = set(store.done_units(STAGE, r))
-    return [s for s in sorted(int(s) for s in shards.unique()) if unit_name(s) not in done]
+    n_shards = store.done_record("shard", None, "_stage")["shards"]
+    return [s for s in range(n_shards) if unit_name(s) not in done]
+
+
+def discard_extract(store: RunStore, r: int, keep_model: bool = False) -> None:
+    """Forget round ``r``'s features (and round 0's model, which this stage makes, unless ``keep_model``)."""
+    store.reset_stage(STAGE, r)
+    store.remove(features_group_rel(r))
+    if r == 0 and not keep_model:
+        store.remove(model_rel(0))
 
 
 def shard_rows(store: RunStore, shard: int) -> tuple[int, int, list[str]]:
@@ -96,18 +106,6 @@ def _landed(lo: int, f: torch.Tensor, copied: torch.cuda.Event | None) -> tuple[
     if copied is not None:
         copied.synchronize()  # the asynchronous copy of this batch to the host is complete
     return lo, f
-
-
-def extract_rows(model: FeatureModel, uris: list[str], cfg: PipelineConfig) -> np.ndarray:
-    """Features (float16, manifest order) of ``uris``, batch by batch (see :class:`BatchLoader` for how decoding
-    and the forward pass share the machine)."""
-    out: np.ndarray | None = None
-    for lo, f in _features(model, _loader(uris, model, cfg)):
-        if out is None:
-            out = np.empty((len(uris), f.shape[1]), dtype=np.float16)
-        out[lo : lo + len(f)] = f.numpy()
-    assert out is not None
-    return out
 
 
 def extract_shards(store: RunStore, cfg: PipelineConfig, r: int, shards: Sequence[int]) -> int:
@@ -167,11 +165,6 @@ def _stream(store: RunStore, cfg: PipelineConfig, r: int, model: FeatureModel, s
             w.result()  # a failed write fails the task (its shard has no record: a rerun redoes it)
 
 
-def extract_shard(store: RunStore, cfg: PipelineConfig, r: int, shard: int) -> int:
-    """Features of one image shard, written as one zarr shard; returns the number of rows written (0 if done)."""
-    return extract_shards(store, cfg, r, [shard])
-
-
 def shard_groups(shards: Sequence[int], per_task: int) -> list[list[int]]:
     """Consecutive shards in groups of ``per_task``: the unit of one extract task."""
     shards = list(shards)
@@ -180,21 +173,12 @@ def shard_groups(shards: Sequence[int], per_task: int) -> list[list[int]]:
 
 def finalize_extract(store: RunStore, r: int) -> dict[str, int]:
     """Check every shard is recorded, consolidate the array's metadata, then mark the stage done."""
-    manifest = load_manifest(store)
-    missing = [s for s in shard_ids(manifest) if not store.is_done(STAGE, r, unit_name(s))]
+    missing = shards_todo(store, r)
     if missing:
         raise StoreError(f"extract round {r}: shards {missing[:5]} are not done; rerun the extract stage")
     shape = open_features(store, r, mode="r+").shape
-    info = {"images": int(shape[0]), "dim": int(shape[1]), "shards": len(shard_ids(manifest))}
+    n_shards = store.done_record("shard", None, "_stage")["shards"]
+    info = {"images": int(shape[0]), "dim": int(shape[1]), "shards": n_shards}
     seal_features(store, r, {**info, "model_signature": store.signature(model_rel(r))})
     store.mark_stage_done(STAGE, r, info)
     return info
-
-
-def run_extract_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False) -> dict[str, int]:
-    """The whole stage in this process (the Prefect flow fans these groups out over Dask)."""
-    if not force and store.stage_done(STAGE, r):
-        return store.done_record(STAGE, r, "_stage")
-    for group in shard_groups(prepare_extract(store, cfg, r, force=force), cfg.extract.shards_per_task):
-        extract_shards(store, cfg, r, group)
-    return finalize_extract(store, r)

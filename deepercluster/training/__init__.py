@@ -3,9 +3,9 @@
 from deepercluster.training.launch import (
     TrainError,
     check_train_inputs,
-    run_train_stage,
     train_command,
     train_env,
+    train_round,
 )
 
-__all__ = ["TrainError", "check_train_inputs", "run_train_stage", "train_command", "train_env"]
+__all__ = ["TrainError", "check_train_inputs", "train_command", "train_env", "train_round"]

@@ -128,7 +128,8 @@ def save_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, state: dict[st
     save_torch(store, checkpoint_rel(r), {
         **state,
         "epoch": pos.epoch, "iteration": pos.iteration, "step": pos.step,
-        "rng": rng_states, "world_size": len(rng_states), "config_hash": cfg.hash,
+        "rng": rng_states, "world_size": len(rng_states),
+        "fingerprint": store.fingerprint(STAGE, r),
     })
     store.mark_done(STAGE, r, unit_name(pos.step), {"epoch": pos.epoch, "iteration": pos.iteration})
     for name in store.listdir(heads_dir_rel(r)):  # older ones only: the next checkpoint's may be under way
@@ -154,9 +155,10 @@ def load_checkpoint(store: RunStore, r: int, cfg: PipelineConfig, world_size: in
     if not store.exists(checkpoint_rel(r)):
         return None
     ckpt = store.load_torch(checkpoint_rel(r))
-    if ckpt["config_hash"] != cfg.hash:
-        raise TrainError(f"{store.url(checkpoint_rel(r))} was written with another config ({ckpt['config_hash']}, "
-                         f"now {cfg.hash}): rerun the train stage with force")
+    current = store.fingerprint(STAGE, r)
+    if ckpt.get("fingerprint") != current:
+        raise TrainError(f"{store.url(checkpoint_rel(r))} was written for another lineage of this stage "
+                         f"(fingerprint {ckpt.get('fingerprint')}, now {current}): rerun the train stage with force")
     if ckpt["world_size"] != world_size:
         raise TrainError(f"{store.url(checkpoint_rel(r))} was written by {ckpt['world_size']} ranks, not "
                          f"{world_size}: resume with train.nproc={ckpt['world_size']} or rerun with force")
@@ -171,7 +173,7 @@ def save_final(store: RunStore, r: int, cfg: PipelineConfig, body: dict[str, tor
                heads: dict[str, torch.Tensor], log_rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     """``final.pt`` (body + heads), the next round's ``model.pt``, the log, then the stage's completion record."""
     store.save_torch(final_rel(r), {"body": body, "heads": heads, "arch": cfg.model.arch, "round": r,
-                                    "config_hash": cfg.hash})
+                                    "fingerprint": store.fingerprint(STAGE, r)})
     store.save_torch(model_rel(r + 1), {"body": body, "arch": cfg.model.arch, "round": r + 1})
     write_log(store, r, log_rows)
     store.mark_stage_done(STAGE, r, info)

@@ -2,7 +2,7 @@
 real subprocess and turns a failure into a :class:`TrainError` carrying the end of its output.
 
 One node: ``torchrun --standalone``. Several nodes (``train.nnodes > 1``): every node runs the same torchrun agent
-against the c10d rendezvous at ``runtime.rdzv_endpoint``; the stage (``run_train_stage``) runs on one node and
+against the c10d rendezvous at ``runtime.rdzv_endpoint``; the stage (``train_round``) runs on one node and
 ``python -m deepercluster.training.launch --run-uri URI --round R`` joins from each other node (the run store must
 be reachable from every node, as it already is for reading images).
 """
@@ -25,14 +25,14 @@ from deepercluster.device import resolve_device
 from deepercluster.errors import DeeperClusterError
 from deepercluster.run import load_run_config
 from deepercluster.store import RunStore
-from deepercluster.training.checkpoint import STAGE, reset_train
+from deepercluster.training.checkpoint import STAGE
 from deepercluster.training.errors import ERROR_PREFIX, TrainError
 from deepercluster.training.groups import check_group_data, head_groups, world_size
 from deepercluster.training.inputs import check_inputs, load_pseudo_labels
 from deepercluster.training.sampler import samples_per_rank
 
 __all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "dies_with_parent", "node_command",
-           "run_train_node", "run_train_stage", "train_command", "train_env"]
+           "run_train_node", "train_command", "train_env", "train_round"]
 TAIL_LINES = 30
 STOP_TIMEOUT_S = 30
 POLL_S = 1.0
@@ -85,9 +85,9 @@ def train_env(cfg: PipelineConfig, base: dict[str, str] | None = None) -> dict[s
 def check_train_inputs(store: RunStore, cfg: PipelineConfig, r: int) -> int:
     """Raise a one-line error when round ``r`` cannot be trained; return the number of images."""
     run_cfg = load_run_config(store)
-    if run_cfg.hash != cfg.hash:
-        raise TrainError(f"train round {r}: the config given (hash {cfg.hash}) is not the run's ({run_cfg.hash}); "
-                         "the ranks train with the run's config.yaml")
+    if run_cfg.hashed_dict() != cfg.hashed_dict():
+        raise TrainError(f"train round {r}: the config given is not the run's config.yaml, which the ranks train "
+                         "with: save it into the run first")
     check_inputs(store, r)
     labels = load_pseudo_labels(store, cfg, r)
     n, world = cfg.train.epoch_images or len(labels), world_size(cfg)
@@ -136,21 +136,16 @@ def _pump(stream: TextIO, sink: Callable[[str], None], keep: Callable[[str], Non
             print(f"train output handler failed ({err!r}); its lines are dropped from now on", file=sys.stderr)
 
 
-def run_train_stage(store: RunStore, cfg: PipelineConfig, r: int, force: bool = False,
-                    on_line: Callable[[str], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Train round ``r`` (resuming from its checkpoint when there is one); skipped when done unless ``force``.
+def train_round(store: RunStore, cfg: PipelineConfig, r: int, on_line: Callable[[str], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train round ``r`` on this node, resuming from its checkpoint when there is one (the train stage's unit).
 
     Output lines of the workers go to ``on_line`` (default: this process's stdout/stderr); rank 0 prints one
-    progress line per iteration (:func:`~deepercluster.training.progress.parse_progress` reads it). ``should_stop``
+    progress record per iteration (:func:`~deepercluster.training.progress.parse_progress` reads it). ``should_stop``
     is polled every second: when it says so, torchrun is stopped and a :class:`TrainError` raised (the checkpoints
     stay, a rerun resumes from them). Returns the stage record: steps, final_loss, images_per_s, ...
     """
-    if not force and store.stage_done(STAGE, r):
-        return store.done_record(STAGE, r, "_stage")
     check_train_inputs(store, cfg, r)
-    if force:
-        reset_train(store, r)
     rc, detail = run_train_node(store, cfg, r, on_line, should_stop)
     if rc != 0 or not store.stage_done(STAGE, r):
         raise TrainError(f"train stage of round {r} failed (torchrun exit {rc}):\n{detail}")

@@ -1,0 +1,58 @@
+"""The cluster stage: features -> PCA-whitening -> level-1 k-means (m super-clusters) -> level-2 k-means per
+super-cluster -> ``assignments.parquet``. Steps: whitening and level 1 (one unit); one unit per super-cluster
+(GPU=1 each); merging the units into the assignments and the statistics (one unit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from deepercluster.clustering import stage as lib
+from deepercluster.config import PipelineConfig
+from deepercluster.stages.base import Reporter, Round, Stage, Step, register
+from deepercluster.store import RunStore
+
+
+def _level1_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if store.is_done(lib.STAGE, r, lib.LEVEL1_UNIT) else [lib.LEVEL1_UNIT]
+
+
+def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
+    done = set(store.done_units(lib.STAGE, r))
+    return [s for s in range(cfg.cluster.super_clusters) if lib.super_unit(s) not in done]
+
+
+def _finalize_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if store.stage_done(lib.STAGE, r) else ["finalize"]
+
+
+def _level1(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Reporter) -> int:
+    return len(lib.prepare_cluster(store, cfg, r))
+
+
+@dataclass
+class ClusterStage(Stage):
+    name: ClassVar[str] = "cluster"
+    section: ClassVar[str] = "cluster"
+    # head_init: centroids also saves each sub-cluster's mean feature (what the train stage's heads start from)
+    fields: ClassVar[tuple[str, ...]] = ("cluster", "seed", "train.head_init")
+
+    def inputs(self, cfg: PipelineConfig, r: Round) -> list[tuple[str, Round]]:
+        return [("extract", r)]
+
+    def steps(self) -> list[Step]:
+        return [
+            Step(lib.LEVEL1_UNIT, _level1_todo, _level1, gpu=True),
+            Step("supers", _supers_todo, lambda store, cfg, r, s, rep: lib.cluster_super(store, cfg, r, s),
+                 label=lib.super_unit, gpu=True, retries=1),
+            Step("finalize", _finalize_todo, lambda store, cfg, r, u, rep: lib.finalize_cluster(store, cfg, r)),
+        ]
+
+    def discard(self, store: RunStore, cfg: PipelineConfig, r: Round) -> None:
+        lib.discard_cluster(store, r)
+
+    def result(self, store: RunStore, cfg: PipelineConfig, r: Round) -> dict[str, Any]:
+        return store.read_json(lib.clusters_rel(r, "stats.json"))
+
+
+STAGE = register(ClusterStage())

@@ -1,0 +1,102 @@
+"""Running stages: the fingerprint check every runner makes first (:func:`begin`), one stage in this process
+(:func:`run_stage`), and the order of a whole run (:func:`run_sequence`).
+
+The Prefect flow (``flows/stages.py``) does the same as :func:`run_stage`, with every unit a Dask task.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from deepercluster.config import PipelineConfig
+from deepercluster.errors import StoreError
+from deepercluster.stages.base import Reporter, Round, Stage, get_stage
+from deepercluster.stages.lineage import (
+    StageState,
+    differences,
+    expected_lineage,
+    plan,
+    read_lineage,
+    round_label,
+    write_lineage,
+)
+from deepercluster.store import RunStore
+
+log = logging.getLogger("deepercluster")
+
+
+def run_sequence(cfg: PipelineConfig) -> list[tuple[Stage, Round]]:
+    """Every stage of a run in order: shard, then extract -> cluster -> train -> evaluate per round, then (with
+    ``eval.final_round``) the extract and evaluate of the model the last training produced (round ``rounds``)."""
+    out: list[tuple[Stage, Round]] = [(get_stage("shard"), None)]
+    for r in range(cfg.rounds):
+        out += [(get_stage(name), r) for name in ("extract", "cluster", "train", "evaluate")]
+    if cfg.eval.final_round:
+        out += [(get_stage("extract"), cfg.rounds), (get_stage("evaluate"), cfg.rounds)]
+    return out
+
+
+def run_plan(store: RunStore, cfg: PipelineConfig) -> list[StageState]:
+    """What the next run of the whole pipeline will find, stage by stage (see :func:`lineage.plan`)."""
+    return plan(store, cfg, run_sequence(cfg))
+
+
+def begin(store: RunStore, cfg: PipelineConfig, stage: Stage, r: Round, force: bool = False) -> bool:
+    """Bring a stage's records in line with the current config before it runs; True when it is done already.
+
+    A stage whose lineage differs from the current one (a field it reads changed, an input was recomputed, its
+    format version moved) is discarded whole; ``force`` discards it anyway. A stage with the same lineage keeps its
+    completed units (resume). A stage completed before fingerprints existed is adopted as it is."""
+    expected = expected_lineage(store, cfg, stage, r)
+    missing = [name for name, ident in expected["inputs"].items() if ident is None]
+    if missing:
+        raise StoreError(f"{round_label(stage.name, r)} reads {missing[0]}, which is not done: run that stage first")
+    record = read_lineage(store, stage.name, r)
+    done = store.stage_done(stage.name, r)
+    if force:
+        stage.discard(store, cfg, r)
+    elif record is None:
+        if done:  # made before fingerprints: adopt it
+            write_lineage(store, stage.name, r, expected)
+            return True
+    else:
+        reasons = differences(record["lineage"], expected)
+        if not reasons:
+            return done
+        log.info("%s is recomputed: %s", round_label(stage.name, r), "; ".join(reasons))
+        stage.discard(store, cfg, r)
+    write_lineage(store, stage.name, r, expected)
+    return False
+
+
+def finish(store: RunStore, stage: Stage, r: Round) -> None:
+    """Check that the stage's last step recorded it done."""
+    if not store.stage_done(stage.name, r):
+        raise StoreError(f"{round_label(stage.name, r)}: every unit ran but the stage was not recorded done: rerun it")
+
+
+def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, force: bool = False,
+              report: Reporter | None = None) -> dict[str, Any]:
+    """One stage, every unit in this process (tests, notebooks, benches); returns its summary."""
+    from deepercluster.stages.base import LogReporter
+
+    stage = get_stage(name)
+    stage.check_round(cfg, r)
+    r = None if stage.scope == "data" else r
+    if not begin(store, cfg, stage, r, force=force):
+        for step in stage.steps():
+            for unit in step.todo(store, cfg, r):
+                step.run(store, cfg, r, unit, report or LogReporter())
+        finish(store, stage, r)
+    return stage.result(store, cfg, r)
+
+
+def run_all(store: RunStore, cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The whole run in this process; returns the evaluate stages' metrics in round order."""
+    out = []
+    for stage, r in run_sequence(cfg):
+        result = run_stage(store, cfg, stage.name, r)
+        if stage.name == "evaluate":
+            out.append(result)
+    return out
