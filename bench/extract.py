@@ -5,7 +5,7 @@ For each network (the small CPU net and ResNet-18, 64 px by default):
       in this process (torch's default threads) and on the Dask workers (all at once, each with the torch threads
       the stage uses there: its task threads);
   (b) the extract stage end to end, from image files to ``features.zarr`` (decode, clustering view, forward,
-      float16, zarr write, completion records): in this process (``run_extract_stage``), on the Dask
+      float16, zarr write, completion records): in this process (``run_stage``), on the Dask
       LocalCluster (``extract_shards`` per group of shards, no Prefect) and as the Prefect flow on that cluster;
 and prints b/a = (images/s of b) / (images/s of the faster of the two (a)): the ratio of medians, and the ratio
 within each repeat (a and b measured back to back). Both count the same images; b's time includes everything the
@@ -37,18 +37,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from deepercluster.config import PipelineConfig, RuntimeConfig, build_config  # noqa: E402
-from deepercluster.data.shard import run_shard_stage  # noqa: E402
 from deepercluster.device import cpu_compute  # noqa: E402
 from deepercluster.features import (  # noqa: E402
     extract_shards,
     finalize_extract,
-    prepare_extract,
-    run_extract_stage,
+    prepare_features,
     shard_groups,
+    shards_todo,
 )
 from deepercluster.features.model import LayerFeatures  # noqa: E402
 from deepercluster.models import build_body  # noqa: E402
 from deepercluster.run import init_run  # noqa: E402
+from deepercluster.stages import begin, get_stage, run_stage  # noqa: E402
 from deepercluster.store import RunStore  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test"
@@ -88,14 +88,15 @@ def pure_forward(cfg_json: str, batch: int, n_images: int) -> tuple[int, float, 
 
 def stage_in_process(store: RunStore, cfg: PipelineConfig) -> float:
     start = time.perf_counter()
-    run_extract_stage(store, cfg, 0, force=True)
+    run_stage(store, cfg, "extract", 0, force=True)
     return time.perf_counter() - start
 
 
 def stage_on_dask(client, store: RunStore, cfg: PipelineConfig) -> float:
     start = time.perf_counter()
-    todo = prepare_extract(store, cfg, 0, force=True)
-    groups = shard_groups(todo, cfg.extract.shards_per_task)  # what extract_flow submits
+    begin(store, cfg, get_stage("extract"), 0, force=True)
+    prepare_features(store, cfg, 0)
+    groups = shard_groups(shards_todo(store, 0), cfg.extract.shards_per_task)  # what the stage flow submits
     futures = [client.submit(extract_shards, store, cfg, 0, g, pure=False) for g in groups]
     client.gather(futures)
     finalize_extract(store, 0)
@@ -103,10 +104,10 @@ def stage_on_dask(client, store: RunStore, cfg: PipelineConfig) -> float:
 
 
 def stage_as_flow(store: RunStore, address: str) -> float:
-    from flows.stages import extract_flow
+    from flows.stages import stage_flow
 
     start = time.perf_counter()
-    extract_flow(store.uri, 0, force=True, dask_address=address)
+    stage_flow(store.uri, "extract", 0, force=True, dask_address=address)
     return time.perf_counter() - start
 
 
@@ -157,9 +158,9 @@ def main() -> None:
                                 "cluster": {"k": 10}, "runtime": {"dask_address": address}})
             store = RunStore(tmp / f"run-{arch}")
             init_run(store, cfg)
-            run_shard_stage(store, cfg.data)
+            run_stage(store, cfg, "shard")
             n = len(store.read_parquet("data/manifest.parquet", columns=["image_id"]))
-            run_extract_stage(store, cfg, 0)  # warm: model written, page cache filled
+            run_stage(store, cfg, "extract", 0)  # warm: model written, page cache filled
             t: dict[str, list[float]] = {k: [] for k in ("a_proc", "a_dask", "b_proc", "b_dask", "b_flow")}
             for _ in range(args.repeats):
                 done, secs, threads = pure_forward(cfg.model_dump_json(), args.batch, n)

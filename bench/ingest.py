@@ -2,7 +2,7 @@
 
 1. Throughput (side by side, same files, one run): photo-like JPEGs are (a) read, hashed, decoded and written to a
    parquet manifest by a plain single-process PIL loop, and (b) run through the shard stage with its listing parts
-   fanned out on a Dask LocalCluster (``--workers`` processes, one thread each: what ``shard_flow`` does, less
+   fanned out on a Dask LocalCluster (``--workers`` processes, one thread each: what the shard stage's flow does, less
    Prefect's bookkeeping). Prints images/s of both and their ratio (target >= 1.6x on 2 cores), and the CPU time
    per image of each (the stage's summed over its worker processes and this one): the ratio of those, times the
    number of workers, is what the wall-clock ratio tends to on idle cores (a machine shared with other jobs gives
@@ -104,12 +104,12 @@ def make_tiny(folder: Path, n: int) -> None:
 
 CHILD = """
 import json, resource, sys, time
+from deepercluster.stages import run_stage
 from deepercluster.config import build_config
-from deepercluster.data.shard import run_shard_stage
 from deepercluster.store import RunStore
 t0 = time.perf_counter()
 cfg = build_config({"data": {"source": sys.argv[1]}, "cluster": {"k": 1, "super_clusters": 1}}).data
-info = run_shard_stage(RunStore(sys.argv[2]), cfg)
+info = run_stage(RunStore(sys.argv[2]), cfg, "shard")
 print(json.dumps({"images": info["images"], "seconds": time.perf_counter() - t0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from deepercluster.clustering.assign import search_threads, single_threaded_blas  # noqa: E402
 from deepercluster.clustering.kmeans import ArrayVectors, lloyd, lloyd_on_sample, snap_to_grid  # noqa: E402
 from deepercluster.config import ClusterConfig  # noqa: E402
+from deepercluster.stages import run_stage
 
 
 def unit_mixture(n: int, d: int, centers: int, seed: int = 0) -> np.ndarray:
@@ -134,7 +135,6 @@ def make_store(root: Path, n: int, dim: int, shard: int, seed: int = 0) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """Run the cluster stage on ``--store`` (in this fresh process) and print its record as JSON."""
-    from deepercluster.clustering.stage import run_cluster_stage
     from deepercluster.config import build_config
     from deepercluster.store import RunStore
 
@@ -143,7 +143,7 @@ def child(args: argparse.Namespace) -> None:
                         "cluster": {"super_clusters": 1, "k": args.k, "niter": args.niter, "pca_dim": args.dim,
                                     "pca_sample": 100_000}})
     t0 = time.perf_counter()
-    stats = run_cluster_stage(RunStore(args.store), cfg, 0)
+    stats = run_stage(RunStore(args.store), cfg, "cluster", 0)
     print(json.dumps({"seconds": time.perf_counter() - t0, "streamed": stats["level2"]["streamed"],
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.clusterfit import clusterfit_flow
     from flows.dask_runtime import dask_scheduler
     from flows.pipeline import pipeline_flow
-    from flows.stages import shard_flow
+    from flows.stages import stage_flow
 
     rows: list[dict[str, Any]] = []
     histories: dict[str, pd.DataFrame] = {}
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     with dask_scheduler(RuntimeConfig(dask_workers=args.dask_workers)) as address:
         # the shard stage once; every other run gets the same manifest
         init_run(RunStore(shard_run), build_config(method_config(base, "rotnet", args)))
-        timed("shard", None, lambda: {k: v for k, v in shard_flow(str(shard_run), dask_address=address).items()
+        timed("shard", None, lambda: {k: v for k, v in stage_flow(str(shard_run), "shard", dask_address=address).items()
                                       if k in ("images", "rejects", "classes")})
         store0, cfg0 = open_run(str(shard_run))
 

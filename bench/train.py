@@ -4,7 +4,7 @@ For each network (default: smallnet and ResNet-18, 64 px):
   (a) pure: in this process, the body and fresh heads of the stage (same config), SGD, random input tensors and
       random targets: forward + loss + backward + step at the stage's global batch, every core. Measured just
       before and just after (b); their mean is the reference.
-  (b) real: the train stage itself, ``run_train_stage`` (torchrun, image files read and decoded, random crops,
+  (b) real: the train stage itself, ``train_round`` (torchrun, image files read and decoded, random crops,
       flips and rotations, pseudo-labels through the uniform-over-clusters sampler, checkpoints every
       ``train.checkpoint_every`` steps, the per-iteration log), on a run made here. Its throughput is taken from
       the log's timestamps after ``--warmup`` steps, so it counts everything but torchrun's start and model build.
@@ -33,12 +33,12 @@ import torch
 from PIL import Image
 
 from deepercluster.config import PipelineConfig, build_config
-from deepercluster.data.shard import run_shard_stage
 from deepercluster.features import ensure_round_model
 from deepercluster.models import SubHeads, build_body, super_head
 from deepercluster.run import init_run
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
-from deepercluster.training import run_train_stage
+from deepercluster.training import train_round
 from deepercluster.training.checkpoint import read_log
 from deepercluster.training.groups import n_super_classes
 from deepercluster.training.inputs import assignments_rel
@@ -109,7 +109,7 @@ def real_stage(root: Path, cfg: PipelineConfig, warmup: int, window: int) -> tup
     part, the best ``window``-step stretch, images per CPU-second (rank 0's CPU time x ranks); and the wall time."""
     store = RunStore(root)
     init_run(store, cfg)
-    run_shard_stage(store, cfg.data)
+    run_stage(store, cfg, "shard")
     ensure_round_model(store, cfg, 0)
     n, m, k = cfg.data.limit, cfg.cluster.super_clusters, cfg.cluster.k
     rng = np.random.default_rng(0)
@@ -118,7 +118,7 @@ def real_stage(root: Path, cfg: PipelineConfig, warmup: int, window: int) -> tup
         "image_id": np.arange(n), "super": sup, "sub": sub, "target": sup * k + sub,
         "distance": np.zeros(n, np.float32)}))
     start = time.perf_counter()
-    run_train_stage(store, cfg, 0, on_line=lambda line: None)
+    train_round(store, cfg, 0, on_line=lambda line: None)
     wall = time.perf_counter() - start
     rows = read_log(store, 0)[warmup:]
     g = cfg.train.batch_size * cfg.train.nproc * cfg.train.nnodes

@@ -68,7 +68,7 @@ class Lease:
                     self.lost = True
                     return log.warning("the lease of run %s was taken over by another process", self.store.uri)
                 self.owner = {**self.owner, "expires": time.time() + self.ttl_s}
-                pass
+                self.store.write_bytes(LEASE_FILE, json.dumps(self.owner).encode())
             except Exception as err:  # a passing store error: try again at the next beat
                 log.warning("could not renew the lease of run %s: %s", self.store.uri, err)
 

@@ -34,7 +34,7 @@ def default_run_dir(cfg: PipelineConfig) -> str:
 def config_changes(old: PipelineConfig, new: PipelineConfig) -> list[str]:
     """``field old -> new`` for every field whose value differs."""
     before = {name: value for name, value, _, _ in iter_fields(old)}
-    return [f"{name} {before.get(name)!r} -> {value!r}" for name, value, _, _ in iter_fields(new)
+    return [f"{name} {_show(before.get(name))} -> {_show(value)}" for name, value, _, _ in iter_fields(new)
             if before.get(name) != value]
 
 
@@ -67,3 +67,7 @@ def load_run_config(store: RunStore) -> PipelineConfig:
     if not store.exists(CONFIG_FILE):
         raise StoreError(f"{store.uri} is not a run (no {CONFIG_FILE}): start it with `deepercluster run`")
     return config_from_yaml_text(store.read_text(CONFIG_FILE), where=store.url(CONFIG_FILE))
+
+
+def _show(value: object) -> str:
+    return json.dumps(value, default=str)

@@ -3,6 +3,7 @@ stage (see :mod:`deepercluster.stages`) on the Dask worker it was sent to, and r
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +23,10 @@ class PrefectReporter:
     (``key``, made at the first report), a stop when the task is no longer wanted on its Dask worker. Reporting
     never raises: the work goes on whatever the Prefect server does."""
 
-    def __init__(self, key: str, description: str, min_interval_s: float = 2.0):
+    def __init__(self, key: str, description: str, min_interval_s: float = 2.0,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None):
         self.key, self.description, self.min_interval_s = key, description, min_interval_s
-        self.logger = get_run_logger()
+        self.logger = logger or get_run_logger()
         self._artifact: UUID | None = None
         self._last = float("-inf")
         self._failed = False

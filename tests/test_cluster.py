@@ -17,15 +17,14 @@ from deepercluster.clustering.stage import (
     assignments_rel,
     clusters_rel,
     load_assignments,
-    run_cluster_stage,
     whitened_features,
 )
 from deepercluster.clustering.whitening import pca_rel
 from deepercluster.config import build_config
-from deepercluster.data.shard import run_shard_stage
 from deepercluster.errors import ConfigError, DataError
 from deepercluster.evaluation.metrics import nmi
-from deepercluster.features import features_rel, run_extract_stage
+from deepercluster.features import features_rel
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 
@@ -220,8 +219,8 @@ def extracted_once(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -
     root = tmp_path_factory.mktemp("cluster-run") / "run"
     cfg = build_config(tiny_overrides(digits_dir))
     store = RunStore(root)
-    run_shard_stage(store, cfg.data)
-    run_extract_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    run_stage(store, cfg, "extract", 0)
     return root
 
 
@@ -241,7 +240,7 @@ def _cluster_units(store: RunStore) -> list[str]:
 def test_hierarchical_cluster_stage(extracted):
     store, cfg = extracted(super_clusters=3, k=4)
     before = whitened_features(store, cfg, 0)  # what the evaluate stage reads; fits and saves the PCA
-    stats = run_cluster_stage(store, cfg, 0)
+    stats = run_stage(store, cfg, "cluster", 0)
     assert np.array_equal(whitened_features(store, cfg, 0), before)  # now read back from whitened.zarr
     a = load_assignments(store, 0)
     assert list(a.columns) == ["image_id", "super", "sub", "target", "distance"]
@@ -265,9 +264,9 @@ def test_hierarchical_cluster_stage(extracted):
     # a rerun reuses everything (the PCA included); --force recomputes to the same (deterministic) answer
     record, pca_sig = store.done_record("cluster", 0, "super-0001"), store.signature(pca_rel(0))
     store.reset_stage("cluster", 0)
-    run_cluster_stage(store, cfg, 0)
+    run_stage(store, cfg, "cluster", 0)
     assert store.signature(pca_rel(0)) == pca_sig and load_assignments(store, 0).equals(a)
-    run_cluster_stage(store, cfg, 0, force=True)
+    run_stage(store, cfg, "cluster", 0, force=True)
     assert store.done_record("cluster", 0, "super-0001")["finished_at"] > record["finished_at"]
     assert load_assignments(store, 0).equals(a)
 
@@ -287,8 +286,8 @@ def test_out_of_core_gives_the_in_memory_assignments(extracted, monkeypatch, dup
     small = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"memory_budget_mb": 0.001})})
     assert small.hash == cfg.hash  # where to compute, not what: the budget is not hashed
     monkeypatch.setattr(vectors_module, "MIN_BLOCK_ROWS", 1)
-    ref = run_cluster_stage(in_memory, cfg, 0)
-    out = run_cluster_stage(streamed, small, 0)
+    ref = run_stage(in_memory, cfg, "cluster", 0)
+    out = run_stage(streamed, small, "cluster", 0)
     assert not ref["level1"]["streamed"] and ref["level2"]["streamed"] == []
     assert out["level2"]["streamed"] == list(range(cfg.cluster.super_clusters))
     assert out["level1"]["streamed"] == (cfg.cluster.super_clusters > 1)
@@ -300,7 +299,7 @@ def test_out_of_core_gives_the_in_memory_assignments(extracted, monkeypatch, dup
 
 def test_k_larger_than_a_super_cluster(extracted):
     store, cfg = extracted(super_clusters=3, k=80)  # 240 images: unless all three hold exactly 80, one is smaller
-    stats = run_cluster_stage(store, cfg, 0)
+    stats = run_stage(store, cfg, "cluster", 0)
     a = load_assignments(store, 0)
     assert stats["level2"]["clamped"]
     for s in stats["level2"]["clamped"]:
@@ -316,7 +315,7 @@ def test_non_finite_features_name_the_shard_and_write_nothing(extracted, pca_sam
     array = zarr.open_array(store.url(features_rel(0)), mode="r+")
     array[130, 3] = bad
     with pytest.raises(DataError, match=r"feature shard 3 of round 0 holds non-finite values \(rows \[130\]\)"):
-        run_cluster_stage(store, cfg, 0)
+        run_stage(store, cfg, "cluster", 0)
     assert not store.exists(clusters_rel(0)) and not store.done_units("cluster", 0)
     assert not store.exists(assignments_rel(0)) and not store.stage_done("cluster", 0)
 
@@ -325,7 +324,7 @@ def test_too_many_clusters_for_the_run(extracted):
     store, cfg = extracted(super_clusters=1, k=5)
     big = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"k": 500})})
     with pytest.raises(ConfigError, match="exceeds the 240 images"):
-        run_cluster_stage(store, big, 0)
+        run_stage(store, big, "cluster", 0)
 
 
 def test_budget_and_reader_threads_are_runtime_settings():

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-from deepercluster.clustering.stage import load_assignments, run_cluster_stage
+from deepercluster.clustering.stage import load_assignments
 from deepercluster.config import build_config
-from deepercluster.data.shard import run_shard_stage
-from deepercluster.features import run_extract_stage
 from deepercluster.run import init_run
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -20,21 +19,21 @@ pytestmark = pytest.mark.slow
 def test_cluster_flow_on_dask_matches_one_process(tmp_path: Path, digits_dir: Path, dask_address):
     from prefect.client.orchestration import get_client
 
-    from flows.stages import cluster_flow
+    from flows.stages import stage_flow
 
     cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 4, "k": 5},
                                       runtime={"stream_threads": 3}))
     flow_store, local_store = RunStore(tmp_path / "flow"), RunStore(tmp_path / "local")
     for store in (flow_store, local_store):
         init_run(store, cfg)
-        run_shard_stage(store, cfg.data)
-        run_extract_stage(store, cfg, 0)
+        run_stage(store, cfg, "shard")
+        run_stage(store, cfg, "extract", 0)
 
-    stats = cluster_flow(flow_store.uri, 0, dask_address=dask_address)
+    stats = stage_flow(flow_store.uri, "cluster", 0, dask_address=dask_address)
     assert stats["targets"] == 20 and stats["level2"]["streamed"] == []
     # one process, one reading thread, every unit streamed out of core: the same assignments
     one = cfg.runtime.model_copy(update={"stream_threads": 1, "memory_budget_mb": 0.001})
-    local = run_cluster_stage(local_store, cfg.model_copy(update={"runtime": one}), 0)
+    local = run_stage(local_store, cfg.model_copy(update={"runtime": one}), "cluster", 0)
     assert local["level2"]["streamed"] == [0, 1, 2, 3]
     assert load_assignments(flow_store, 0).equals(load_assignments(local_store, 0))
 

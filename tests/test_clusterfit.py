@@ -16,6 +16,7 @@ from deepercluster.config import ModelConfig, build_config
 from deepercluster.errors import ConfigError
 from deepercluster.models import build_body, load_body
 from deepercluster.run import init_run
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 SOURCE_MODEL = {"arch": "smallnet", "feature_dim": 24}
@@ -72,11 +73,11 @@ def test_torchvision_weights_become_our_body(tmp_path: Path, digits_dir: Path):
 def test_labels_come_from_the_source_models_features(tmp_path: Path, digits_dir: Path):
     """A fixed source model: its features (computed here directly) are what the source run clusters, and the new
     network's run trains on exactly those clusters, from its own random init."""
-    from deepercluster.clustering.stage import load_assignments, run_cluster_stage
+    from deepercluster.clustering.stage import load_assignments
     from deepercluster.data.datasets import ImageList
-    from deepercluster.data.shard import load_manifest, run_shard_stage
+    from deepercluster.data.shard import load_manifest
     from deepercluster.data.transforms import clustering_view
-    from deepercluster.features import model_rel, open_features, run_extract_stage
+    from deepercluster.features import model_rel, open_features
     from deepercluster.training.inputs import load_pseudo_labels
 
     source = build_body(ModelConfig(**SOURCE_MODEL), seed=123).eval()
@@ -87,9 +88,9 @@ def test_labels_come_from_the_source_models_features(tmp_path: Path, digits_dir:
     src = RunStore(prepare_source(store, cfg))
     assert src.uri == source_store(store).uri
     src_cfg = build_config({**cfg.model_dump(mode="json"), "model": SOURCE_MODEL, "eval": {"final_round": False}})
-    run_shard_stage(src, src_cfg.data)
-    run_extract_stage(src, src_cfg, 0)
-    run_cluster_stage(src, src_cfg, 0)
+    run_stage(src, src_cfg, "shard")
+    run_stage(src, src_cfg, "extract", 0)
+    run_stage(src, src_cfg, "cluster", 0)
 
     uris = load_manifest(src)["uri"].tolist()
     images = ImageList(uris, clustering_view(cfg.data.image_size, cfg.data.crop_ratio))

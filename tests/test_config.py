@@ -14,7 +14,7 @@ from deepercluster.config import (
     load_config,
 )
 from deepercluster.errors import ConfigError
-from deepercluster.run import init_run, load_run_config
+from deepercluster.run import default_run_dir, init_run, load_run_config, run_identity
 from deepercluster.store import RunStore
 
 
@@ -67,15 +67,30 @@ def test_config_file_errors(tmp_path: Path):
         load_config(bad)
 
 
-def test_run_keeps_its_config_and_refuses_another(tmp_path: Path):
+def test_run_keeps_its_config_takes_changes_and_refuses_fewer_rounds_or_another_method(tmp_path: Path):
     store = RunStore(tmp_path / "run")
     cfg = build_config({"cluster": {"k": 7}})
-    init_run(store, cfg)
+    assert init_run(store, cfg) == []
     assert load_run_config(store).hash == cfg.hash
     assert f"config_hash: {cfg.hash}" in store.read_text("config.yaml")
-    init_run(store, cfg)  # the same config resumes
-    with pytest.raises(ConfigError, match="another config"):
-        init_run(store, build_config({"cluster": {"k": 8}}))
+    assert init_run(store, cfg) == []  # the same config resumes
+    changed = build_config({"cluster": {"k": 8}, "rounds": 5})
+    assert init_run(store, changed) == ["rounds 3 -> 5", "cluster.k 7 -> 8"]
+    assert load_run_config(store).hash == changed.hash
+    with pytest.raises(ConfigError, match="rounds can be raised, not lowered") as err:
+        init_run(store, build_config({"cluster": {"k": 8}, "rounds": 4}))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="is a deepercluster run: use a new --run directory for rotnet"):
+        init_run(store, build_config({"rounds": 5}, method="rotnet"))
+
+
+def test_run_identity_ignores_rounds_result_neutral_fields_and_defaults():
+    base = build_config({"cluster": {"k": 7}})
+    same = [build_config({"cluster": {"k": 7}, "rounds": 6}),
+            build_config({"cluster": {"k": 7}, "extract": {"decode_threads": 1}, "runtime": {"dask_workers": 4}})]
+    assert all(run_identity(c) == run_identity(base) for c in same)
+    assert run_identity(build_config({"cluster": {"k": 8}})) != run_identity(base)
+    assert default_run_dir(base) == f"runs/deepercluster-{run_identity(base)[:8]}"
 
 
 def test_saved_config_has_a_schema_version_and_older_ones_load():

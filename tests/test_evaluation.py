@@ -19,6 +19,7 @@ from deepercluster.evaluation.metrics import kmeans_agreement, nmi
 from deepercluster.evaluation.pixels import pixel_features
 from deepercluster.evaluation.probes import knn_accuracy, knn_predict, linear_probe
 from deepercluster.evaluation.splits import probe_splits
+from deepercluster.stages import run_stage
 
 
 def blobs(n: int, dim: int, classes: int, seed: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -173,19 +174,16 @@ def test_write_image_folder_keeps_the_images(tmp_path: Path):
 # ---- the evaluate stage on a real tiny run -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_evaluate_stage_records_probes_per_round(tmp_path: Path, digits_dir: Path):
-    from deepercluster.clustering.stage import run_cluster_stage
-    from deepercluster.data.shard import run_shard_stage
     from deepercluster.evaluation.stage import evaluate_round, load_history
-    from deepercluster.features import run_extract_stage
     from deepercluster.run import init_run
     from deepercluster.store import RunStore
 
     cfg = build_config(tiny_overrides(digits_dir, eval={"probe_train": 120, "probe_test": 0.4}))
     store = RunStore(tmp_path / "run")
     init_run(store, cfg)
-    run_shard_stage(store, cfg.data)
-    run_extract_stage(store, cfg, 0)
-    run_cluster_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    run_stage(store, cfg, "extract", 0)
+    run_stage(store, cfg, "cluster", 0)
     m = evaluate_round(store, cfg, 0)
     assert (m["probe_train_n"], m["probe_test_n"]) == (120, 96)
     # even a random network's features carry the digit classes well above chance (0.1)
@@ -209,6 +207,6 @@ def test_evaluate_stage_records_probes_per_round(tmp_path: Path, digits_dir: Pat
     # another layer of the same model: a pooled conv layer, computed on the split images only
     cfg_layer = build_config(tiny_overrides(digits_dir, eval={"probe_train": 120, "probe_test": 0.4,
                                                               "layer": "trunk.12"}))
-    m2 = evaluate_round(store, cfg_layer, 0, force=True)
+    m2 = evaluate_round(store, cfg_layer, 0)
     assert m2["probe_dim"] == 64 and 0.3 < m2["probe_acc"] <= 1
     assert load_history(store)["round"].tolist() == [0]  # replaced, not appended

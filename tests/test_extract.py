@@ -8,25 +8,32 @@ from PIL import Image
 
 from deepercluster.config import build_config
 from deepercluster.data.datasets import ImageList
-from deepercluster.data.shard import load_manifest, run_shard_stage
+from deepercluster.data.shard import load_manifest
 from deepercluster.data.transforms import clustering_view
 from deepercluster.errors import ConfigError, DataError
-from deepercluster.features import (
-    ensure_round_model,
-    extract_shard,
-    open_features,
-    prepare_extract,
-    run_extract_stage,
-)
+from deepercluster.features import ensure_round_model, extract_shards, open_features, prepare_features, shards_todo
 from deepercluster.models import load_body
+from deepercluster.stages import begin, get_stage, run_stage
 from deepercluster.store import RunStore
+
+
+def _prepare(store: RunStore, cfg, r: int = 0, force: bool = False) -> list[int]:
+    """What the stage does before its shard units: the fingerprint check, the model and the array; returns the
+    shards still to extract."""
+    begin(store, cfg, get_stage("extract"), r, force=force)
+    prepare_features(store, cfg, r)
+    return shards_todo(store, r)
+
+
+def _extract_one(store: RunStore, cfg, r: int, shard: int) -> int:
+    return extract_shards(store, cfg, r, [shard])
 
 
 def test_extract_writes_one_zarr_shard_per_image_shard(tmp_path: Path, digits_dir: Path):
     cfg = build_config(tiny_overrides(digits_dir))
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
-    info = run_extract_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    info = run_stage(store, cfg, "extract", 0)
     manifest = load_manifest(store)
     array = open_features(store, 0)
     assert array.shape == (len(manifest), 32) and array.dtype == np.float16
@@ -45,20 +52,20 @@ def test_extract_writes_one_zarr_shard_per_image_shard(tmp_path: Path, digits_di
 def test_extract_resumes_only_missing_shards(tmp_path: Path, digits_dir: Path):
     cfg = build_config(tiny_overrides(digits_dir))
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
-    todo = prepare_extract(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    todo = _prepare(store, cfg, 0)
     assert todo == [0, 1, 2, 3, 4, 5]
     for s in todo[:4]:
-        extract_shard(store, cfg, 0, s)
+        _extract_one(store, cfg, 0, s)
     first = {u: store.done_record("extract", 0, u) for u in store.done_units("extract", 0)}
-    assert prepare_extract(store, cfg, 0) == [4, 5]  # what a killed run leaves to do
-    assert extract_shard(store, cfg, 0, 1) == 0  # a done shard is skipped
-    run_extract_stage(store, cfg, 0)
+    assert _prepare(store, cfg, 0) == [4, 5]  # what a killed run leaves to do
+    assert _extract_one(store, cfg, 0, 1) == 0  # a done shard is skipped
+    run_stage(store, cfg, "extract", 0)
     after = {u: store.done_record("extract", 0, u) for u in first}
     assert after == first
     assert not np.all(open_features(store, 0)[200:] == 0)
 
-    forced = prepare_extract(store, cfg, 0, force=True)
+    forced = _prepare(store, cfg, 0, force=True)
     assert forced == [0, 1, 2, 3, 4, 5] and not store.stage_done("extract", 0)
 
 
@@ -73,8 +80,8 @@ def test_a_shard_has_the_same_features_whichever_shards_share_its_stream(tmp_pat
     cfg = build_config(tiny_overrides(digits_dir))
     whole, resumed = RunStore(tmp_path / "whole"), RunStore(tmp_path / "resumed")
     for store in (whole, resumed):
-        run_shard_stage(store, cfg.data)
-        prepare_extract(store, cfg, 0)
+        run_stage(store, cfg, "shard")
+        _prepare(store, cfg, 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as on a 1-thread Dask worker: there the rounding differs with the batch (tested)
     try:
@@ -90,8 +97,8 @@ def test_a_shard_has_the_same_features_whichever_shards_share_its_stream(tmp_pat
 def test_round_zero_model_is_seeded(tmp_path: Path, digits_dir: Path):
     a, b = RunStore(tmp_path / "a"), RunStore(tmp_path / "b")
     cfg = build_config(tiny_overrides(digits_dir))
-    run_shard_stage(a, cfg.data)  # the random init's batch norms are calibrated on the run's images
-    run_shard_stage(b, cfg.data)
+    run_stage(a, cfg, "shard")  # the random init's batch norms are calibrated on the run's images
+    run_stage(b, cfg, "shard")
     ensure_round_model(a, cfg, 0)
     ensure_round_model(b, cfg, 0)
     sa, sb = a.load_torch("rounds/0/model.pt")["body"], b.load_torch("rounds/0/model.pt")["body"]
@@ -124,8 +131,8 @@ def test_threaded_loader_matches_the_clustering_view(tmp_path: Path, digits_dir:
 def test_layer_is_configurable_and_checked(tmp_path: Path, digits_dir: Path):
     cfg = build_config(tiny_overrides(digits_dir, extract={"layer": "trunk.12"}))  # smallnet's 3rd conv block
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
-    run_extract_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    run_stage(store, cfg, "extract", 0)
     array = open_features(store, 0)
     assert array.shape == (240, 64)
 
@@ -138,7 +145,7 @@ def test_layer_is_configurable_and_checked(tmp_path: Path, digits_dir: Path):
 
     bad = build_config(tiny_overrides(digits_dir, extract={"layer": "trunk.fc7"}))
     with pytest.raises(ConfigError, match=r"extract.layer 'trunk.fc7' is not a layer .* trunk.0, trunk.1"):
-        prepare_extract(RunStore(tmp_path / "run"), bad, 0, force=True)
+        _prepare(RunStore(tmp_path / "run"), bad, 0, force=True)
 
 
 def test_unreadable_image_is_a_one_line_error_and_writes_nothing(tmp_path: Path, digits_dir: Path):
@@ -148,16 +155,16 @@ def test_unreadable_image_is_a_one_line_error_and_writes_nothing(tmp_path: Path,
     shutil.copytree(digits_dir, src)
     cfg = build_config(tiny_overrides(src))
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
-    assert prepare_extract(store, cfg, 0) == [0, 1, 2, 3, 4, 5]
+    run_stage(store, cfg, "shard")
+    assert _prepare(store, cfg, 0) == [0, 1, 2, 3, 4, 5]
     victim = load_manifest(store)["uri"].iloc[50]
     Path(victim).write_bytes(b"not a png any more")
     with pytest.raises(DataError) as err:
-        extract_shard(store, cfg, 0, 1)
+        _extract_one(store, cfg, 0, 1)
     assert victim in str(err.value) and "\n" not in str(err.value) and "--force" in str(err.value)
     assert not store.is_done("extract", 0, "shard-00001")
     assert not np.any(open_features(store, 0)[40:80])
-    assert extract_shard(store, cfg, 0, 2) == 40  # other shards are unaffected
+    assert _extract_one(store, cfg, 0, 2) == 40  # other shards are unaffected
 
 
 def test_fsspec_store_and_consolidated_metadata(digits_dir: Path):
@@ -167,8 +174,8 @@ def test_fsspec_store_and_consolidated_metadata(digits_dir: Path):
 
     cfg = build_config(tiny_overrides(digits_dir))
     store = RunStore("memory://extract-test/run")
-    run_shard_stage(store, cfg.data)
-    info = run_extract_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    info = run_stage(store, cfg, "extract", 0)
     assert info == {"images": 240, "dim": 32, "shards": 6}
     group = zarr.open_group(store.url(features_group_rel(0)), mode="r", use_consolidated=True)
     consolidated = group.metadata.consolidated_metadata
@@ -187,9 +194,9 @@ def test_inspect_features_prints_statistics_and_draws_neighbours(tmp_path: Path,
     cfg = build_config(tiny_overrides(digits_dir))
     store = RunStore(tmp_path / "run")
     init_run(store, cfg)
-    run_shard_stage(store, cfg.data)
-    for s in prepare_extract(store, cfg, 0)[:4]:
-        extract_shard(store, cfg, 0, s)
+    run_stage(store, cfg, "shard")
+    for s in _prepare(store, cfg, 0)[:4]:
+        _extract_one(store, cfg, 0, s)
     summary = feature_summary(store, 0)
     assert summary["shape"] == (240, 32) and summary["shards_done"] == 4 and not summary["stage_done"]
     assert summary["rows_checked"] == 160 and summary["norm_min"] > 0

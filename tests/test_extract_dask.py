@@ -19,12 +19,13 @@ from distributed import Client
 
 from deepercluster.config import PipelineConfig, RuntimeConfig, build_config
 from deepercluster.data.datasets import ImageList
-from deepercluster.data.shard import load_manifest, run_shard_stage, shard_ids
+from deepercluster.data.shard import load_manifest, shard_ids
 from deepercluster.data.transforms import clustering_view
 from deepercluster.device import cpu_compute
 from deepercluster.features import model_loads, model_rel, open_features, unit_name
 from deepercluster.models import load_body
 from deepercluster.run import init_run
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def _new_run(path: Path, digits_dir: Path, **sections) -> tuple[RunStore, Pipeli
     cfg = build_config(tiny_overrides(digits_dir, **sections))
     store = RunStore(path)
     init_run(store, cfg)
-    run_shard_stage(store, cfg.data)
+    run_stage(store, cfg, "shard")
     return store, cfg
 
 
@@ -69,12 +70,12 @@ def _records(store: RunStore) -> dict:
 
 
 def test_two_workers_match_a_single_process_reference(tmp_path: Path, digits_dir: Path, dask_address):
-    from flows.stages import extract_flow
+    from flows.stages import stage_flow
 
     store, cfg = _new_run(tmp_path / "run", digits_dir)
     with Client(dask_address) as client:
         before = client.run(model_loads)
-        info = extract_flow(store.uri, 0, dask_address=dask_address)
+        info = stage_flow(store.uri, "extract", 0, dask_address=dask_address)
         loads = {w: n - before[w] for w, n in client.run(model_loads).items() if w in before}
         worker_pids = set(client.run(os.getpid).values())
     assert info["shards"] == 6 and store.stage_done("extract", 0)
@@ -113,7 +114,7 @@ def test_gpu_annotation_sends_shards_only_to_gpu_workers(tmp_path: Path, digits_
     """An existing scheduler (by address) gains a `dask worker --resources GPU=1`: with runtime.gpu_workers the
     shards go to it alone, never to the two plain workers."""
     from flows.dask_runtime import prefect_api_url
-    from flows.stages import extract_flow
+    from flows.stages import stage_flow
 
     store, _ = _new_run(tmp_path / "run", digits_dir, runtime={"gpu_workers": True, "dask_address": dask_address})
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url()}
@@ -125,7 +126,7 @@ def test_gpu_annotation_sends_shards_only_to_gpu_workers(tmp_path: Path, digits_
             client.wait_for_workers(3, timeout=60)
             gpu = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["resources"]]
             gpu_pid = client.run(os.getpid, workers=gpu)[gpu[0]]
-            extract_flow(store.uri, 0)  # the address comes from the run's config
+            stage_flow(store.uri, "extract", 0)  # the address comes from the run's config
             client.retire_workers(gpu, close_workers=True)
     finally:
         worker.terminate()
@@ -137,7 +138,7 @@ def test_stage_survives_a_killed_worker(tmp_path: Path, digits_dir: Path, prefec
     """SIGKILL one worker process of a local GPU-resource cluster while it extracts a shard: the scheduler moves the
     shard to a worker that is alive, and the stage completes with every row right."""
     from flows.dask_runtime import dask_scheduler
-    from flows.stages import extract_flow
+    from flows.stages import stage_flow
 
     store, cfg = _new_run(tmp_path / "run", digits_dir, data={"shard_size": 10, "image_size": 32},
                           extract={"batch_size": 5}, runtime={"gpu_workers": True})
@@ -160,7 +161,7 @@ def test_stage_survives_a_killed_worker(tmp_path: Path, digits_dir: Path, prefec
             assert all(w["resources"] == {"GPU": 1} for w in client.scheduler_info()["workers"].values())
         killer = threading.Thread(target=kill_a_busy_worker, args=(address,))
         killer.start()
-        info = extract_flow(store.uri, 0, dask_address=address)
+        info = stage_flow(store.uri, "extract", 0, dask_address=address)
         killer.join()
         with Client(address) as client:
             alive = set(client.run(os.getpid).values())
@@ -172,7 +173,7 @@ def test_stage_survives_a_killed_worker(tmp_path: Path, digits_dir: Path, prefec
 
 def test_rerun_after_a_killed_flow_recomputes_only_missing_shards(tmp_path: Path, digits_dir: Path, dask_address):
     from flows.dask_runtime import prefect_api_url
-    from flows.stages import extract_flow
+    from flows.stages import stage_flow
 
     store, cfg = _new_run(tmp_path / "run", digits_dir, data={"shard_size": 10, "image_size": 32},
                           extract={"batch_size": 5})
@@ -191,7 +192,7 @@ def test_rerun_after_a_killed_flow_recomputes_only_missing_shards(tmp_path: Path
 
     survived = _records(store)
     assert 0 < len(survived) < n and not store.stage_done("extract", 0)
-    extract_flow(store.uri, 0, dask_address=dask_address)
+    stage_flow(store.uri, "extract", 0, dask_address=dask_address)
     after = _records(store)
     recomputed = sorted(u for u in after if after[u] != survived.get(u))
     assert {u: after[u] for u in survived} == survived, "a shard finished before the kill was recomputed"
@@ -206,13 +207,13 @@ def test_unreadable_image_fails_the_flow_in_one_line_and_keeps_the_other_shards(
     import shutil
 
     from deepercluster.errors import DataError
-    from flows.stages import extract_flow
+    from flows.stages import stage_flow
 
     shutil.copytree(digits_dir, tmp_path / "images")
     store, _ = _new_run(tmp_path / "run", tmp_path / "images")
     victim = load_manifest(store)["uri"].iloc[50]  # shard 1
     Path(victim).write_bytes(b"")
     with pytest.raises(DataError, match="cannot read .*rerun the shard stage with --force") as err:
-        extract_flow(store.uri, 0, dask_address=dask_address)
+        stage_flow(store.uri, "extract", 0, dask_address=dask_address)
     assert victim in str(err.value) and "\n" not in str(err.value)
     assert sorted(_done(store)) == [unit_name(s) for s in (0, 2, 3, 4, 5)] and not store.stage_done("extract", 0)

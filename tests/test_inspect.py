@@ -29,23 +29,21 @@ from deepercluster.inspection import (
     write_metrics_plot,
 )
 from deepercluster.run import init_run
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 
 @pytest.fixture(scope="module")
 def clustered_run(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> tuple[RunStore, PipelineConfig]:
     """Round 0 of a tiny run: 240 digits in 6 shards, 2 x 5 clusters, evaluated (no training needed)."""
-    from deepercluster.clustering.stage import run_cluster_stage
-    from deepercluster.data.shard import run_shard_stage
     from deepercluster.evaluation.stage import evaluate_round
-    from deepercluster.features import run_extract_stage
 
     cfg = build_config(tiny_overrides(digits_dir, rounds=1))
     store = RunStore(tmp_path_factory.mktemp("inspect") / "run")
     init_run(store, cfg)
-    run_shard_stage(store, cfg.data)
-    run_extract_stage(store, cfg, 0)
-    run_cluster_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    run_stage(store, cfg, "extract", 0)
+    run_stage(store, cfg, "cluster", 0)
     evaluate_round(store, cfg, 0)
     return store, cfg
 
@@ -139,8 +137,7 @@ def test_cli_inspect_default_view(clustered_run):
 def test_galleries_and_tables_as_prefect_artifacts(clustered_run, prefect_server):
     from prefect import flow
     from prefect.client.orchestration import get_client
-
-    from tasks.inspection import publish_inspection
+    from tasks.publish import publish_inspection
 
     store, _ = clustered_run
 

@@ -15,8 +15,9 @@ from deepercluster.config import build_config
 from deepercluster.data.datasets import read_image_bytes
 from deepercluster.data.images import read_bytes, read_many
 from deepercluster.data.repack import PACKED_INDEX, image_uris, packed_rel, packed_uris, unit_name
-from deepercluster.data.shard import load_manifest, run_shard_stage
-from deepercluster.features import open_features, run_extract_stage
+from deepercluster.data.shard import load_manifest
+from deepercluster.features import open_features
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 
@@ -36,7 +37,7 @@ def test_repacked_shards_are_webdataset_tars_that_extract_and_train_read(tmp_pat
     overrides = tiny_overrides(source, data={"shard_size": 8, "repack": True, "image_size": 16})
     cfg = build_config(overrides)
     store = RunStore(tmp_path / "run")
-    info = run_shard_stage(store, cfg.data)
+    info = run_stage(store, cfg, "shard")
     manifest = load_manifest(store)
     assert info["images"] == 21 and info["shards"] == 3 and info["packed"] == 21 and store.stage_done("shard", None)
 
@@ -62,10 +63,10 @@ def test_repacked_shards_are_webdataset_tars_that_extract_and_train_read(tmp_pat
 
     # features from the tars alone (the source folder is gone) equal features from the original files
     unpacked = RunStore(tmp_path / "unpacked")
-    run_shard_stage(unpacked, build_config(tiny_overrides(source, data={"shard_size": 8, "image_size": 16})).data)
-    run_extract_stage(unpacked, cfg, 0)
+    run_stage(unpacked, build_config(tiny_overrides(source, data={"shard_size": 8, "image_size": 16})), "shard")
+    run_stage(unpacked, cfg, "extract", 0)
     shutil.move(source, tmp_path / "moved-away")
-    run_extract_stage(store, cfg, 0)
+    run_stage(store, cfg, "extract", 0)
     np.testing.assert_array_equal(open_features(store, 0)[:], open_features(unpacked, 0)[:])
 
 
@@ -73,7 +74,7 @@ def test_repack_resumes_per_shard(tmp_path: Path):
     source = _folder(tmp_path / "images")
     cfg = build_config(tiny_overrides(source, data={"shard_size": 8, "repack": True}))
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
+    run_stage(store, cfg, "shard")
     records = {s: store.done_record("shard", None, unit_name(s)) for s in range(3)}
     index = store.read_parquet(PACKED_INDEX)
 
@@ -84,7 +85,7 @@ def test_repack_resumes_per_shard(tmp_path: Path):
     Path(store.path(packed_rel(1))).write_bytes(b"half a tar")
     Path(store.path("data/packed/.tmp-abc-shard-00001.tar")).write_bytes(b"half a tar")
 
-    info = run_shard_stage(store, cfg.data)
+    info = run_stage(store, cfg, "shard")
     assert info["packed"] == 21 and store.stage_done("shard", None)
     after = {s: store.done_record("shard", None, unit_name(s)) for s in range(3)}
     assert after[0] == records[0] and after[2] == records[2]  # not packed again
@@ -94,5 +95,5 @@ def test_repack_resumes_per_shard(tmp_path: Path):
         assert len(tf.getnames()) == 16
 
     # --force starts over, the packed tars included
-    run_shard_stage(store, cfg.data, force=True)
+    run_stage(store, cfg, "shard", force=True)
     assert not Path(store.path("data/packed/.tmp-abc-shard-00001.tar")).exists()

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from deepercluster.config import build_config
-from deepercluster.data.shard import load_manifest, run_shard_stage, scan_part
+from deepercluster.data.shard import load_manifest, scan_part
 from deepercluster.errors import ConfigError
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 
@@ -38,7 +39,7 @@ def test_shard_stage_keeps_good_images_and_records_every_reject(tmp_path: Path, 
     cfg = build_config({"data": {"source": str(messy_folder), "shard_size": 5, "max_pixels": 100_000},
                         "cluster": {"k": 1, "super_clusters": 1}})
     store = RunStore(tmp_path / "run")
-    info = run_shard_stage(store, cfg.data)
+    info = run_stage(store, cfg, "shard")
     manifest = load_manifest(store)
     rejects = store.read_parquet("data/rejects.parquet")
     assert info["images"] == len(manifest) == 12
@@ -55,11 +56,11 @@ def test_shard_stage_keeps_good_images_and_records_every_reject(tmp_path: Path, 
 def test_shard_stage_resumes_parts_and_needs_a_readable_image(tmp_path: Path, messy_folder: Path):
     cfg = build_config({"data": {"source": str(messy_folder)}, "cluster": {"k": 1, "super_clusters": 1}})
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
+    run_stage(store, cfg, "shard")
     before = store.done_record("shard", None, "part-00000")
     assert scan_part(store, cfg.data, "part-00000") == before["counts"]
     assert store.done_record("shard", None, "part-00000") == before  # not recomputed
-    run_shard_stage(store, cfg.data, force=True)
+    run_stage(store, cfg, "shard", force=True)
     assert store.done_record("shard", None, "part-00000")["finished_at"] > before["finished_at"]
 
     junk = tmp_path / "junk"
@@ -67,7 +68,7 @@ def test_shard_stage_resumes_parts_and_needs_a_readable_image(tmp_path: Path, me
     (junk / "a.png").write_text("nope")
     cfg = build_config({"data": {"source": str(junk)}, "cluster": {"k": 1, "super_clusters": 1}})
     with pytest.raises(ConfigError, match="no readable image"):
-        run_shard_stage(RunStore(tmp_path / "run2"), cfg.data)
+        run_stage(RunStore(tmp_path / "run2"), cfg, "shard")
 
 
 def test_bundled_digits_are_written_once_as_pngs(tmp_path: Path):

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from deepercluster.cli import app
 from deepercluster.config import build_config
-from deepercluster.data.shard import load_manifest, run_shard_stage
+from deepercluster.data.shard import load_manifest
 from deepercluster.run import init_run
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 
@@ -35,7 +36,7 @@ def _tars(folder: Path, n_tars: int, per_tar: int) -> None:
 
 
 def test_shard_flow_on_dask_matches_the_serial_stage(tmp_path: Path, dask_address):
-    from flows.stages import shard_flow
+    from flows.stages import stage_flow
 
     _tars(tmp_path / "wds", n_tars=3, per_tar=30)
     overrides = {"data": {"source": str(tmp_path / "wds"), "shard_size": 16, "part_size": 10},
@@ -43,12 +44,12 @@ def test_shard_flow_on_dask_matches_the_serial_stage(tmp_path: Path, dask_addres
     cfg = build_config(overrides)
     store = RunStore(tmp_path / "run")
     init_run(store, cfg)
-    info = shard_flow(store.uri, dask_address=dask_address)
+    info = stage_flow(store.uri, "shard", dask_address=dask_address)
     assert info["images"] == 90 and info["reasons"] == {"empty file": 3} and info["shards"] == 6
     assert len([u for u in store.done_units("shard", None) if u.startswith("part-")]) == 10
 
     serial = RunStore(tmp_path / "serial")
-    run_shard_stage(serial, cfg.data)
+    run_stage(serial, cfg, "shard")
     assert load_manifest(store).equals(load_manifest(serial))
 
     result = CliRunner().invoke(app, ["inspect", store.uri, "--shards"], env={"COLUMNS": "200"})
@@ -62,7 +63,7 @@ def test_shard_flow_on_dask_matches_the_serial_stage(tmp_path: Path, dask_addres
 
     packed = RunStore(tmp_path / "packed")
     init_run(packed, build_config({**overrides, "data": {**overrides["data"], "repack": True}}))
-    info = shard_flow(packed.uri, dask_address=dask_address)
+    info = stage_flow(packed.uri, "shard", dask_address=dask_address)
     assert info["packed"] == 90 and packed.stage_done("shard", None)
     assert all(packed.exists(packed_rel(s)) for s in range(6))
     manifest = load_manifest(packed)

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from deepercluster.config import build_config
-from deepercluster.data.shard import load_manifest, run_shard_stage
+from deepercluster.data.shard import load_manifest
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -43,8 +44,8 @@ def test_killed_shard_stage_resumes_without_losing_or_repeating_parts(tmp_path: 
 
     killed = RunStore(tmp_path / "killed")
     code = ("import json, sys; from deepercluster.config import build_config; "
-            "from deepercluster.data.shard import run_shard_stage; from deepercluster.store import RunStore; "
-            "run_shard_stage(RunStore(sys.argv[1]), build_config(json.loads(sys.argv[2])).data)")
+            "from deepercluster.stages import run_stage; from deepercluster.store import RunStore; "
+            "run_stage(RunStore(sys.argv[1]), build_config(json.loads(sys.argv[2])), 'shard')")
     proc = subprocess.Popen([sys.executable, "-c", code, str(killed.uri), json.dumps(overrides)],
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -58,7 +59,7 @@ def test_killed_shard_stage_resumes_without_losing_or_repeating_parts(tmp_path: 
     assert 0 < len(before) < N_PARTS and not killed.stage_done("shard", None)
     assert not killed.exists("data/manifest.parquet")
 
-    info = run_shard_stage(killed, cfg.data)
+    info = run_stage(killed, cfg, "shard")
     after = _records(killed)
     assert sorted(after) == [f"part-{i:05d}" for i in range(N_PARTS)]  # none lost
     assert all(after[u] == before[u] for u in before)  # none scanned again: same record, same killed pid
@@ -67,7 +68,7 @@ def test_killed_shard_stage_resumes_without_losing_or_repeating_parts(tmp_path: 
                                                               killed.listdir("data/parts"))
 
     reference = RunStore(tmp_path / "reference")
-    assert run_shard_stage(reference, cfg.data) == {k: v for k, v in info.items()}
+    assert run_stage(reference, cfg, "shard") == {k: v for k, v in info.items()}
     a, b = load_manifest(killed), load_manifest(reference)
     assert len(a) == N_IMAGES and a.equals(b)
     assert a["image_id"].tolist() == list(range(N_IMAGES)) and a["sha256"].is_unique

@@ -18,8 +18,9 @@ from PIL import Image
 
 from deepercluster.config import build_config
 from deepercluster.data.images import decode, read_bytes
-from deepercluster.data.shard import load_manifest, load_manifest_shard, run_shard_stage
+from deepercluster.data.shard import load_manifest, load_manifest_shard
 from deepercluster.errors import ConfigError
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 
 
@@ -78,8 +79,8 @@ def _run_stage_unprivileged(run: Path, overrides: dict) -> dict:
             pytest.skip("running as root without setpriv: no way to make a file unreadable")
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     code = ("import json, sys; from deepercluster.config import build_config; "
-            "from deepercluster.data.shard import run_shard_stage; from deepercluster.store import RunStore; "
-            "print(json.dumps(run_shard_stage(RunStore(sys.argv[1]), build_config(json.loads(sys.argv[2])).data)))")
+            "from deepercluster.stages import run_stage; from deepercluster.store import RunStore; "
+            "print(json.dumps(run_stage(RunStore(sys.argv[1]), build_config(json.loads(sys.argv[2])), 'shard')))")
     done = subprocess.run([*prefix, sys.executable, "-c", code, str(run), json.dumps(overrides)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -157,7 +158,7 @@ def test_yfcc100m_metadata_keeps_photos_with_their_metadata(tmp_path: Path):
     cfg = build_config(_cfg(meta, kind="yfcc100m", id_list=str(ids), shard_size=2,
                             path_template=str(mirror) + "/{hash[:3]}/{hash}.{ext}"))
     store = RunStore(tmp_path / "run")
-    info = run_shard_stage(store, cfg.data)
+    info = run_stage(store, cfg, "shard")
     manifest = load_manifest(store)
     rejects = store.read_parquet("data/rejects.parquet")
     assert manifest["photo_id"].tolist() == [1000, 1001, 1002, 1003, 1005]
@@ -190,7 +191,7 @@ def test_file_lists_txt_csv_parquet_and_a_memory_folder(tmp_path: Path):
 
     def run(name: str, **data):
         store = RunStore(tmp_path / f"run-{name}")
-        run_shard_stage(store, build_config(_cfg(tmp_path / name, **data)).data)
+        run_stage(store, build_config(_cfg(tmp_path / name, **data)), "shard")
         return load_manifest(store), store.read_parquet("data/rejects.parquet")
 
     manifest, rejects = run("list.txt")
@@ -210,7 +211,7 @@ def test_file_lists_txt_csv_parquet_and_a_memory_folder(tmp_path: Path):
         _rgb(10 + i).save(buf, format="PNG")
         fs.pipe(f"/dc-test/{'ab'[i % 2]}/{i}.png", buf.getvalue())
     store = RunStore(tmp_path / "run-memory")
-    info = run_shard_stage(store, build_config(_cfg("memory://dc-test")).data)
+    info = run_stage(store, build_config(_cfg("memory://dc-test")), "shard")
     manifest = load_manifest(store)
     assert info["images"] == 3 and manifest["uri"].str.startswith("memory://").all()
     assert manifest["label"].tolist() == ["a", "a", "b"]
@@ -238,7 +239,7 @@ def test_webdataset_tars_are_read_in_place(tmp_path: Path):
     _tar(shards / "train-000.tar", [("a/000", jpeg(0), "3"), ("a/001", jpeg(1), "5"), ("a/002", None, "1")])
     _tar(shards / "train-001.tar", [("b/000", jpeg(2), "3"), ("b/001", b"", "5")])
     store = RunStore(tmp_path / "run")
-    info = run_shard_stage(store, build_config(_cfg(shards / "train-{000..001}.tar")).data)
+    info = run_stage(store, build_config(_cfg(shards / "train-{000..001}.tar")), "shard")
     manifest = load_manifest(store)
     rejects = store.read_parquet("data/rejects.parquet")
     assert info["images"] == 3 and manifest["label"].tolist() == ["3", "5", "3"]
@@ -248,7 +249,7 @@ def test_webdataset_tars_are_read_in_place(tmp_path: Path):
                           np.asarray(decode(jpeg(2))))  # the bytes of the member, read by offset
     # the folder of tars is recognised as webdataset too, and lists the same samples
     store2 = RunStore(tmp_path / "run2")
-    run_shard_stage(store2, build_config(_cfg(shards)).data)
+    run_stage(store2, build_config(_cfg(shards)), "shard")
     assert load_manifest(store2)["uri"].tolist() == manifest["uri"].tolist()
 
 

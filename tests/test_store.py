@@ -3,7 +3,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from deepercluster.errors import StoreError
+from deepercluster.errors import ConfigError, StoreError
+from deepercluster.stages import get_stage
 from deepercluster.store import RunStore
 
 
@@ -36,8 +37,10 @@ def test_missing_artifact_and_unknown_stage_are_clear(tmp_path: Path):
     store = RunStore(tmp_path)
     with pytest.raises(StoreError, match="missing"):
         store.read_json("rounds/0/nothing.json")
-    with pytest.raises(StoreError, match="unknown stage"):
-        store.is_done("polish", 0, "u")
+    with pytest.raises(StoreError, match="stage 'cluster' needs a round"):
+        store.is_done("cluster", None, "u")
+    with pytest.raises(ConfigError, match="unknown stage 'polish'; stages are "):
+        get_stage("polish")
 
 
 def test_store_pickles_as_its_uri(tmp_path: Path):

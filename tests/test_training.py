@@ -17,13 +17,13 @@ from conftest import TRAIN_IMAGES
 from scipy.stats import chisquare
 
 from deepercluster.config import PipelineConfig, build_config
-from deepercluster.data.shard import run_shard_stage
 from deepercluster.errors import StoreError
 from deepercluster.features import ensure_round_model, model_rel
 from deepercluster.models import HierarchicalHeads
 from deepercluster.run import init_run
+from deepercluster.stages import get_stage, run_stage
 from deepercluster.store import RunStore
-from deepercluster.training import TrainError, run_train_stage, train_command, train_env
+from deepercluster.training import TrainError, train_command, train_env, train_round
 from deepercluster.training.checkpoint import checkpoint_rel, final_rel, read_log
 from deepercluster.training.inputs import assignments_rel
 from deepercluster.training.loss import hierarchical_loss
@@ -192,7 +192,7 @@ def make_run(root: Path, folder: Path, **train: object) -> tuple[RunStore, Pipel
     cfg = tiny_config(folder, **train)
     store = RunStore(root)
     init_run(store, cfg)
-    run_shard_stage(store, cfg.data)
+    run_stage(store, cfg, "shard")
     ensure_round_model(store, cfg, 0)
     rng = np.random.default_rng(0)
     n, k = N_IMAGES, cfg.cluster.k
@@ -202,6 +202,8 @@ def make_run(root: Path, folder: Path, **train: object) -> tuple[RunStore, Pipel
         "image_id": np.arange(n), "super": sup, "sub": sub, "target": sup * k + sub,
         "distance": rng.random(n).astype(np.float32),
     }))
+    for stage in ("extract", "cluster"):  # the synthetic assignments stand in for these stages' outputs
+        store.mark_stage_done(stage, 0)
     return store, cfg
 
 
@@ -209,7 +211,7 @@ def make_run(root: Path, folder: Path, **train: object) -> tuple[RunStore, Pipel
 def trained(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, PipelineConfig, dict]:
     """One uninterrupted 2-rank run: the reference the resumed run must match bitwise."""
     store, cfg = make_run(tmp_path_factory.mktemp("run-a"), image_folder)
-    info = run_train_stage(store, cfg, 0, on_line=lambda line: None)
+    info = train_round(store, cfg, 0, on_line=lambda line: None)
     return store, cfg, info
 
 
@@ -235,10 +237,8 @@ def test_train_stage_runs_two_ranks(trained: tuple[RunStore, PipelineConfig, dic
     assert units == [f"iter-{s:06d}" for s in range(2, 25, 2)]
     ckpt = store.load_torch(checkpoint_rel(0))
     assert (ckpt["epoch"], ckpt["iteration"], ckpt["step"]) == (2, 0, 24) and len(ckpt["rng"]) == 2
-    # done: a second call does not train again
-    record = store.done_record("train", 0, "_stage")
-    assert run_train_stage(store, cfg, 0) == record
-    assert store.done_record("train", 0, "_stage")["finished_at"] == record["finished_at"]
+    # done: the stage's step has nothing left to do
+    assert get_stage("train").step("train").todo(store, cfg, 0) == []
 
 
 def wait_gone(pid: int, timeout: float = 20.0) -> None:
@@ -279,7 +279,7 @@ def test_kill_and_resume_is_bitwise_identical(trained: tuple[RunStore, PipelineC
     assert 4 <= killed_at < 24, "an orphan rank went on training after its torchrun was killed"
     early = store.done_record("train", 0, "iter-000002")
 
-    info = run_train_stage(store, cfg, 0, on_line=lambda line: None)
+    info = train_round(store, cfg, 0, on_line=lambda line: None)
 
     assert info["resumed_from_step"] == killed_at and info["steps"] == 24
     assert store.done_record("train", 0, "iter-000002") == early  # resumed, not restarted
@@ -299,15 +299,16 @@ def test_missing_inputs_worker_error_and_force(trained: tuple[RunStore, Pipeline
     assignments = store.read_bytes(assignments_rel(0))
     store.remove(assignments_rel(0))
     with pytest.raises(StoreError, match="assignments.parquet is missing: run the cluster stage"):
-        run_train_stage(store, cfg, 0)
+        train_round(store, cfg, 0)
     store.write_bytes(assignments_rel(0), assignments)
-    # a checkpoint from another config: the ranks refuse it, the launcher reports their one-line reason
-    store.save_torch(checkpoint_rel(0), {"config_hash": "0123456789abcdef", "world_size": 2})
-    with pytest.raises(TrainError, match="written with another config") as err:
-        run_train_stage(store, cfg, 0, on_line=lambda line: None)
+    # a checkpoint of another lineage of the stage: the ranks refuse it, the launcher reports their one-line reason
+    store.save_torch(checkpoint_rel(0), {"fingerprint": "0123456789abcdef", "world_size": 2})
+    with pytest.raises(TrainError, match="written for another lineage") as err:
+        train_round(store, cfg, 0, on_line=lambda line: None)
     assert "torchrun exit" in str(err.value) and not store.stage_done("train", 0)
     # force: forget it and train from scratch, the same weights as the reference run
-    info = run_train_stage(store, cfg, 0, force=True, on_line=lambda line: None)
+    get_stage("train").discard(store, cfg, 0)
+    info = train_round(store, cfg, 0, on_line=lambda line: None)
     assert info["resumed_from_step"] is None and info["steps"] == 24
     ref, got = ref_store.load_torch(model_rel(1))["body"], store.load_torch(model_rel(1))["body"]
     assert all(torch.equal(ref[name], got[name]) for name in ref)

@@ -23,7 +23,7 @@ from deepercluster.data.transforms import MEAN, STD, TrainingView, normalize_bat
 from deepercluster.features import model_rel
 from deepercluster.models import SubHeads, load_body, super_head
 from deepercluster.run import init_run
-from deepercluster.training import TrainError, check_train_inputs, run_train_stage
+from deepercluster.training import TrainError, check_train_inputs, train_round
 from deepercluster.training.checkpoint import final_rel, read_log
 from deepercluster.training.groups import plan_groups
 from deepercluster.training.progress import PREFIX, describe_progress, format_progress, parse_progress
@@ -251,7 +251,7 @@ def test_two_nodes_meet_at_the_rendezvous(image_folder: Path, tmp_path: Path) ->
                                   "--round", "0"], stdout=log, stderr=subprocess.STDOUT)
     lines: list[str] = []
     try:
-        info = run_train_stage(store, cfg, 0, on_line=lines.append)
+        info = train_round(store, cfg, 0, on_line=lines.append)
         other.wait(timeout=120)
     finally:
         if other.poll() is None:

@@ -14,12 +14,11 @@ from conftest import tiny_overrides
 from PIL import Image
 
 from deepercluster.clustering.means import load_cluster_means, means_rel
-from deepercluster.clustering.stage import clusters_rel, load_round_features, run_cluster_stage, whitened_features
+from deepercluster.clustering.stage import clusters_rel, load_round_features, whitened_features
 from deepercluster.config import build_config
 from deepercluster.data.images import decode, read_bytes
-from deepercluster.data.shard import run_shard_stage
-from deepercluster.features import run_extract_stage
 from deepercluster.models import SubHeads
+from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 from deepercluster.training.errors import TrainError
 from deepercluster.training.inputs import load_pseudo_labels, training_dataset
@@ -36,9 +35,9 @@ def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def clustered(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
     cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 2, "k": 4}))
     store = RunStore(tmp_path_factory.mktemp("targets") / "run")
-    run_shard_stage(store, cfg.data)
-    run_extract_stage(store, cfg, 0)
-    run_cluster_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    run_stage(store, cfg, "extract", 0)
+    run_stage(store, cfg, "cluster", 0)
     return store, cfg
 
 
@@ -118,9 +117,9 @@ def test_heads_start_as_the_nearest_mean_classifier_of_the_new_clusters(clustere
 def test_random_head_init_writes_no_means(tmp_path: Path, digits_dir: Path) -> None:
     cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 2, "k": 4}, train={"head_init": "random"}))
     store = RunStore(tmp_path / "run")
-    run_shard_stage(store, cfg.data)
-    run_extract_stage(store, cfg, 0)
-    run_cluster_stage(store, cfg, 0)
+    run_stage(store, cfg, "shard")
+    run_stage(store, cfg, "extract", 0)
+    run_stage(store, cfg, "cluster", 0)
     assert not store.exists(means_rel(0, 0)) and "means_within" not in store.done_record("cluster", 0, "super-0000")
     # training these clusters with heads from means is a one-line error saying what to do
     centroids = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 2, "k": 4}))

@@ -8,6 +8,8 @@ permuted view is channels-last for free).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import nullcontext
 from functools import lru_cache
 
@@ -27,11 +29,21 @@ def model_rel(r: int) -> str:
     return f"{round_dir(r)}/model.pt"
 
 
+def _made_from(cfg: PipelineConfig) -> str:
+    """What round 0's model is made of: the model section and the seed."""
+    blob = json.dumps({"model": cfg.model.model_dump(mode="json"), "seed": cfg.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def ensure_round_model(store: RunStore, cfg: PipelineConfig, r: int) -> str:
-    """The weights round ``r`` starts from. Round 0: a seeded random init (or ``model.init_checkpoint``);
-    later rounds: written by the previous round's training stage."""
+    """The weights round ``r`` starts from. Round 0: a seeded random init (or ``model.init_checkpoint``), made again
+    when the model section or the seed changed since (``model.json`` says what it was made from; a round-0 model
+    put there by someone else, as ClusterFit does, has none and is kept); later rounds: written by the previous
+    round's training stage."""
     rel = model_rel(r)
-    if store.exists(rel):
+    sidecar = f"{round_dir(r)}/model.json"
+    if store.exists(rel) and (r > 0 or not store.exists(sidecar)
+                              or store.read_json(sidecar)["made_from"] == _made_from(cfg)):
         return rel
     if r > 0:
         raise StoreError(f"{store.url(rel)} is missing: run the train stage of round {r - 1} first")
@@ -44,6 +56,7 @@ def ensure_round_model(store: RunStore, cfg: PipelineConfig, r: int) -> str:
 
         calibrate_round_model(store, cfg, 0, body)
     store.save_torch(rel, {"body": body.state_dict(), "arch": cfg.model.arch, "round": 0})
+    store.write_json(sidecar, {"made_from": _made_from(cfg)})
     return rel
 
 

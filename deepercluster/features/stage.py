@@ -51,12 +51,11 @@ def shards_todo(store: RunStore, r: int) -> list[int]:
     return [s for s in range(n_shards) if unit_name(s) not in done]
 
 
-def discard_extract(store: RunStore, r: int, keep_model: bool = False) -> None:
-    """Forget round ``r``'s features (and round 0's model, which this stage makes, unless ``keep_model``)."""
+def discard_extract(store: RunStore, r: int) -> None:
+    """Forget round ``r``'s features (round 0's model stays: the next run makes it again only if the model section
+    or the seed changed, see :func:`ensure_round_model`)."""
     store.reset_stage(STAGE, r)
     store.remove(features_group_rel(r))
-    if r == 0 and not keep_model:
-        store.remove(model_rel(0))
 
 
 def shard_rows(store: RunStore, shard: int) -> tuple[int, int, list[str]]:

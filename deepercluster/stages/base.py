@@ -48,6 +48,7 @@ class LogReporter:
         return False
 
 
+RECORD_KEYS = ("unit", "id", "finished_at", "pid", "fingerprint")  # what every completion record holds
 Unit = Hashable  # a small picklable value naming one unit of a step (a shard id, a list of shard ids, a name)
 Round = int | None  # None for the data stages
 
@@ -98,8 +99,9 @@ class Stage:
         raise NotImplementedError
 
     def result(self, store: RunStore, cfg: PipelineConfig, r: Round) -> dict[str, Any]:
-        """The summary of the done stage (what its flow returns)."""
-        return store.done_record(self.name, r, "_stage") or {}
+        """The summary of the done stage (what its flow returns): its stage record less the bookkeeping."""
+        record = store.done_record(self.name, r, "_stage") or {}
+        return {k: v for k, v in record.items() if k not in RECORD_KEYS}
 
     def step(self, name: str) -> Step:
         for s in self.steps():

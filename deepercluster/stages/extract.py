@@ -74,8 +74,7 @@ class ExtractStage(Stage):
 
     def discard(self, store: RunStore, cfg: PipelineConfig, r: Round) -> None:
         assert r is not None
-        # a ClusterFit run's round-0 model is the source network (or the new network's init), not made here
-        lib.discard_extract(store, r, keep_model=cfg.method == "clusterfit")
+        lib.discard_extract(store, r)
 
 
 STAGE = register(ExtractStage())

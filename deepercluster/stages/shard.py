@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from deepercluster.config import PipelineConfig
 from deepercluster.data import shard as lib
+from deepercluster.data.repack import repack_shard
 from deepercluster.data.repack import unit_name as repack_unit
 from deepercluster.stages.base import Reporter, Round, Stage, Step, register
 from deepercluster.store import RunStore
@@ -53,7 +54,7 @@ class ShardStage(Stage):
             Step("list", _listing_todo, lambda store, cfg, r, u, rep: len(lib.list_source(store, cfg.data))),
             Step("scan", _parts_todo, lambda store, cfg, r, u, rep: lib.scan_part(store, cfg.data, u), retries=2),
             Step("manifest", _manifest_todo, lambda store, cfg, r, u, rep: lib.finalize_manifest(store, cfg.data)),
-            Step("repack", _repack_todo, lambda store, cfg, r, u, rep: lib.repack_shard(store, cfg.data, u),
+            Step("repack", _repack_todo, lambda store, cfg, r, u, rep: repack_shard(store, cfg.data, u),
                  label=repack_unit, retries=2),
             Step("finish", _finish_todo, self._finish),
         ]
