@@ -3,7 +3,9 @@ stage (see :mod:`deepercluster.stages`) on the Dask worker it was sent to, and r
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,9 @@ class PrefectReporter:
         self._last = float("-inf")
         self._failed = False
         self._released = released_by_dask()
+        # the task run's context, for the artifact made later from another thread (the training's output readers)
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()
 
     def _guard(self, fn: Callable[[], Any]) -> None:
         try:
@@ -52,10 +57,12 @@ class PrefectReporter:
         self._guard(lambda: self._update(round(100.0 * fraction, 1)))
 
     def _update(self, percent: float) -> None:
-        if self._artifact is None:
-            self._artifact = create_progress_artifact(percent, key=self.key, description=self.description)
-        else:
-            update_progress_artifact(self._artifact, percent)
+        with self._lock:
+            if self._artifact is None:
+                self._artifact = self._context.run(create_progress_artifact, percent, key=self.key,
+                                                   description=self.description)
+            else:
+                update_progress_artifact(self._artifact, percent)
 
     def should_stop(self) -> bool:
         return self._released is not None and self._released()

@@ -126,8 +126,9 @@ def test_clusterfit_flow_from_a_rotnet_checkpoint(tmp_path: Path, digits_dir: Pa
     checkpoint = rotnet / "rounds" / "1" / "model.pt"
     assert checkpoint.is_file()
 
+    # the loop flow (deployment deepercluster/loop, `deepercluster run`) dispatches on the run's method
     run = tmp_path / "clusterfit"
-    summary = clusterfit_flow(str(run), config=clusterfit_overrides(digits_dir, checkpoint), dask_address=dask_address)
+    [summary] = pipeline_flow(str(run), config=clusterfit_overrides(digits_dir, checkpoint), dask_address=dask_address)
     store = RunStore(run)
     for name in ("source", "target"):
         for key in ("probe_acc", "knn_acc", "kmeans_nmi_labels"):

@@ -8,7 +8,8 @@ from conftest import tiny_overrides
 from deepercluster.clustering.stage import load_assignments
 from deepercluster.config import build_config
 from deepercluster.evaluation.stage import load_history
-from deepercluster.run import init_run
+from deepercluster.run import init_run, open_run
+from deepercluster.stages import run_plan
 from deepercluster.store import ROUND_STAGES, RunStore
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
     run = str(tmp_path / "run")
     metrics = pipeline_flow(run, config=tiny_overrides(digits_dir), dask_address=dask_address)
     store = RunStore(run)
-    assert [m["round"] for m in metrics] == [0, 1]
+    assert [m["round"] for m in metrics] == [0, 1, 2]  # round 2: the model the last training made
     for r in (0, 1):
         for stage in ROUND_STAGES:
             assert store.stage_done(stage, r), (stage, r)
@@ -46,28 +47,30 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
         artifact = client.read_latest_artifacts()
         assert any(a.key == "deepercluster-history" for a in artifact)
 
-    # rerunning one stage (the flow behind `deepercluster stage` and the stage/<name> deployments) recomputes only it
-    untouched = {(s, r): _records(store, s, r) for s in ROUND_STAGES for r in (0, 1) if (s, r) != ("cluster", 1)}
+    # rerunning one stage (the flow behind `deepercluster stage` and the stage/<name> deployments) recomputes only
+    # it; the stages that read its outputs become stale, and the next run recomputes exactly those
+    downstream = {("train", 1), ("evaluate", 1), ("extract", 2), ("evaluate", 2)}
+    untouched = {(s, r): _records(store, s, r) for s in ROUND_STAGES for r in (0, 1, 2)
+                 if (s, r) != ("cluster", 1) and (s, r) not in downstream and store.stage_done(s, r)}
     before = store.done_record("cluster", 1, "_stage")
     stage_flow(run, "cluster", 1, force=True, dask_address=dask_address)
     assert store.done_record("cluster", 1, "_stage")["finished_at"] > before["finished_at"]
     assert {k: _records(store, *k) for k in untouched} == untouched
     assert load_assignments(store, 1)["target"].between(0, 9).all()
-
-    # a rerun of the whole flow finds everything done and changes nothing
+    _, cfg = open_run(run)
+    stale = {(st.name, st.round) for st in run_plan(store, cfg) if st.status == "stale"}
+    assert stale == downstream
+    trained = store.done_record("train", 1, "_stage")["id"]
     again = pipeline_flow(run, dask_address=dask_address)
-    assert [m["round"] for m in again] == [0, 1]
+    assert [m["round"] for m in again] == [0, 1, 2]
+    assert store.done_record("train", 1, "_stage")["id"] != trained
+    assert all(st.status == "done" for st in run_plan(store, cfg))
     assert {k: _records(store, *k) for k in untouched} == untouched
 
-
-def test_flow_refuses_a_changed_config(tmp_path: Path, digits_dir: Path, dask_address):
-    from deepercluster.errors import ConfigError
-    from flows.pipeline import pipeline_flow
-
-    run = tmp_path / "run"
-    init_run(RunStore(run), build_config(tiny_overrides(digits_dir)))
-    with pytest.raises(ConfigError, match="another config"):
-        pipeline_flow(str(run), config=tiny_overrides(digits_dir, cluster={"k": 4}), dask_address=dask_address)
+    # a rerun of the whole flow finds everything done and changes nothing
+    done = {(s, r): _records(store, s, r) for s in ROUND_STAGES for r in (0, 1, 2) if store.stage_done(s, r)}
+    pipeline_flow(run, dask_address=dask_address)
+    assert {k: _records(store, *k) for k in done} == done
 
 
 def test_stage_flow_checks_its_stage_round_and_deployment(tmp_path: Path, digits_dir: Path, monkeypatch):

@@ -137,6 +137,7 @@ def test_cli_inspect_default_view(clustered_run):
 def test_galleries_and_tables_as_prefect_artifacts(clustered_run, prefect_server):
     from prefect import flow
     from prefect.client.orchestration import get_client
+
     from tasks.publish import publish_inspection
 
     store, _ = clustered_run
