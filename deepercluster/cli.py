@@ -24,7 +24,7 @@ console = Console()
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(2)
 
 
@@ -86,12 +86,14 @@ def stage(
 ) -> None:
     """Run (or rerun with --force) one stage of an existing run: the flow the `stage/NAME` deployments run. Stages
     that read its outputs become stale: the next `deepercluster run` recomputes them."""
+    from deepercluster.lease import acquire_lease
     from deepercluster.run import open_run
     from deepercluster.stages import get_stage
 
     try:
         store, cfg = open_run(run_dir)
         get_stage(name).check_round(cfg, round_)
+        lease = acquire_lease(store, f"deepercluster stage {name}")
     except DeeperClusterError as err:
         _fail(err)
     _prefect_env()
@@ -101,6 +103,8 @@ def stage(
         result = stage_flow(store.uri, name, round_, force=force)
     except DeeperClusterError as err:
         _fail(err)
+    finally:
+        lease.release()
     summary = {k: v for k, v in result.items() if isinstance(v, int | float | str) and k not in ("unit", "pid", "id")}
     console.print(f"{name} done: {summary}")
 
@@ -184,7 +188,12 @@ def print_clusters(store: RunStore, rounds: int, n_targets: int, galleries: int,
         console.print("clusters: no round clustered yet")
         return
     try:
-        result = inspect_round(store, r, n_targets=n_targets, galleries=galleries)
+        try:
+            result = inspect_round(store, r, n_targets=n_targets, galleries=galleries)
+        except OSError as err:  # the images moved away or unreadable: everything but the galleries
+            console.print(f"galleries skipped: the run's images cannot be read here ({err})", highlight=False,
+                          soft_wrap=True)
+            result = inspect_round(store, r, n_targets=n_targets, galleries=0)
     except (DeeperClusterError, OSError) as err:
         _fail(err)
     sizes = result.sizes[result.sizes["size"] > 0]["size"]
