@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from deepercluster.store import RunStore, round_dir
+from deepercluster.paths import gallery_rel  # noqa: F401  (re-exported)
+from deepercluster.store import RunStore
 
 GALLERY_BACKGROUND = (128, 128, 128)
 METRICS_PLOT = "metrics.png"
@@ -135,10 +136,6 @@ def make_gallery(images: list[Image.Image], tile: int = 64, columns: int = 8, pa
         y = pad + (i // cols) * (tile + pad) + (tile - size[1]) // 2
         canvas.paste(thumb, (x, y))
     return canvas
-
-
-def gallery_rel(r: int, target: int) -> str:
-    return f"{round_dir(r)}/eval/gallery/cluster-{target:05d}.png"
 
 
 def cluster_gallery(assignments: pd.DataFrame, target: int, per_cluster: int = 16, tile: int = 64,

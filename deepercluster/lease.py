@@ -27,9 +27,9 @@ from datetime import datetime
 from typing import Any
 
 from deepercluster.errors import StoreError
+from deepercluster.paths import LEASE_FILE  # noqa: F401  (re-exported)
 from deepercluster.store import TMP_PREFIX, RunStore
 
-LEASE_FILE = "_lease.json"
 SETTLE_S = 0.2  # non-local stores: wait before re-reading a lease just written, to see a concurrent writer's
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,8 @@ import json
 
 from deepercluster.config import RESULT_NEUTRAL, PipelineConfig, config_from_yaml_text, iter_fields
 from deepercluster.errors import ConfigError, StoreError
+from deepercluster.paths import CONFIG_FILE  # noqa: F401  (re-exported)
 from deepercluster.store import RunStore
-
-CONFIG_FILE = "config.yaml"
 
 
 def run_identity(cfg: PipelineConfig) -> str:

@@ -39,6 +39,7 @@ import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 
 from deepercluster.errors import StoreError
+from deepercluster.paths import round_dir  # noqa: F401  (re-exported)
 
 DATA_STAGES = ("shard",)
 ROUND_STAGES = ("extract", "cluster", "train", "evaluate")
@@ -49,10 +50,6 @@ STORAGE_OPTIONS_ENV = "DEEPERCLUSTER_STORAGE_OPTIONS"
 S3_ENDPOINT_ENVS = ("DEEPERCLUSTER_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 LOCAL_PROTOCOLS = ("file", "local")
 PARQUET_ROWS = 1 << 18  # rows per parquet row group written (a part of 8 int64 columns: 16 MiB)
-
-
-def round_dir(r: int) -> str:
-    return f"rounds/{r}"
 
 
 class RunStore:
@@ -213,11 +210,11 @@ class RunStore:
             return pd.read_parquet(f, columns=columns)
 
     def save_torch(self, rel: str, obj: Any) -> None:
+        """``torch.save`` streamed into an atomic write (no in-memory copy of a large state)."""
         import torch
 
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        self.write_bytes(rel, buf.getvalue())
+        with self.open_atomic(rel) as f:
+            torch.save(obj, f)
 
     def load_torch(self, rel: str) -> Any:
         import torch

@@ -15,12 +15,8 @@ import numpy as np
 from deepercluster.clustering.kernels import signed_row_sums
 from deepercluster.clustering.kmeans import VectorSource
 from deepercluster.clustering.vectors import ShardedVectors, members_by_shard, open_round_features, shard_rows
-from deepercluster.clustering.whitening import clusters_rel
+from deepercluster.paths import means_rel  # noqa: F401  (re-exported)
 from deepercluster.store import RunStore
-
-
-def means_rel(r: int, s: int) -> str:
-    return clusters_rel(r, f"sub-{s:04d}_means.npy")
 
 
 def relu_cluster_means(source: VectorSource, labels: np.ndarray, k: int) -> tuple[np.ndarray, float]:

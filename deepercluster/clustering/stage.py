@@ -43,6 +43,7 @@ from deepercluster.clustering.whitening import (
 )
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import ConfigError, DataError
+from deepercluster.paths import assignments_rel  # noqa: F401  (re-exported)
 from deepercluster.store import PARQUET_ROWS, RunStore
 
 __all__ = [
@@ -54,10 +55,6 @@ __all__ = [
 LEVEL1_UNIT = "level1"
 HISTOGRAM = "sizes.png"
 BYTES_PER_MEMBER = 20  # labels (int64) + distance (float64) + squared norm (float32) kept for every row of a unit
-
-
-def assignments_rel(r: int) -> str:
-    return clusters_rel(r, "assignments.parquet")
 
 
 def super_unit(s: int) -> str:

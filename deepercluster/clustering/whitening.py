@@ -21,22 +21,10 @@ from deepercluster.clustering.pca import Moments, PCAWhitening, pca_from_moments
 from deepercluster.clustering.vectors import open_round_features, shard_ranges, shard_rows
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import DataError
+from deepercluster.paths import WHITENED, clusters_rel, pca_rel, whitened_rel  # noqa: F401  (re-exported)
 from deepercluster.store import RunStore, round_dir
 
 STAGE = "cluster"
-WHITENED = "whitened.zarr"
-
-
-def clusters_rel(r: int, name: str = "") -> str:
-    return f"{round_dir(r)}/clusters/{name}".rstrip("/")
-
-
-def pca_rel(r: int) -> str:
-    return clusters_rel(r, "pca.npz")
-
-
-def whitened_rel(r: int) -> str:
-    return clusters_rel(r, WHITENED)
 
 
 def whiten_unit(shard: int) -> str:

@@ -4,8 +4,6 @@ in fixed-size row groups, and the file is renamed into place only when closed wh
 from __future__ import annotations
 
 import io
-import os
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,11 +28,8 @@ class ParquetStream:
 
     def __init__(self, store: RunStore, rel: str, schema: pa.Schema, group_rows: int):
         self.store, self.schema, self.group_rows = store, schema, group_rows
-        self.final = store.path(rel)
-        parent, name = self.final.rsplit("/", 1)
-        self.tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-        store.fs.makedirs(parent, exist_ok=True)
-        self._file = store.fs.open(self.tmp, "wb")
+        self._atomic = store.open_atomic(rel)  # the store's one atomic-write mechanism
+        self._file = self._atomic.__enter__()
         self._writer = pq.ParquetWriter(self._file, schema)
         self._pending: list[pa.Table] = []
         self._n = 0
@@ -60,18 +55,11 @@ class ParquetStream:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self._n:
+        try:
+            if exc_type is None and self._n:
                 self._flush(self._n)
             self._writer.close()
-            self._file.close()
-            if self.store.is_local:
-                os.replace(self.tmp, self.final)
-            else:
-                self.store.fs.mv(self.tmp, self.final)
-        else:
-            try:
-                self._writer.close()
-                self._file.close()
-            finally:
-                self.store.fs.rm(self.tmp)
+        except BaseException as err:  # the last rows failed: nothing appears
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)  # renamed when whole, removed on an exception

@@ -20,21 +20,16 @@ from deepercluster.config import DataConfig
 from deepercluster.data.images import read_bytes, tar_member_uri
 from deepercluster.data.parquet_stream import ParquetStream
 from deepercluster.errors import StoreError
+from deepercluster.paths import PACKED, PACKED_INDEX, packed_rel  # noqa: F401  (re-exported)
 from deepercluster.prefetch import read_ahead
 from deepercluster.store import RunStore
 
 STAGE = "shard"  # the repack units are units of the shard stage: its stage record waits for them
-PACKED = "data/packed"
-PACKED_INDEX = f"{PACKED}/index.parquet"  # image_id -> packed uri, written once every shard is packed
 INDEX_SCHEMA = pa.schema([("image_id", pa.int64()), ("uri", pa.string())])
 
 
 def unit_name(shard: int) -> str:
     return f"packed-{shard:05d}"
-
-
-def packed_rel(shard: int) -> str:
-    return f"{PACKED}/shard-{shard:05d}.tar"
 
 
 def _ext(uri: str) -> str:

@@ -30,15 +30,11 @@ from deepercluster.data.parquet_stream import ParquetStream, read_table, write_t
 from deepercluster.data.repack import PACKED, finalize_repack
 from deepercluster.data.sources import extra_columns, iter_source, source_kind
 from deepercluster.errors import ConfigError
+from deepercluster.paths import LISTING, LISTING_DONE, MANIFEST, PARTS, REJECTS  # noqa: F401  (re-exported)
 from deepercluster.store import RunStore
 
 STAGE = "shard"
-LISTING = "data/listing"
-LISTING_DONE = f"{LISTING}/_complete.json"
-PARTS = "data/parts"
 MANIFEST_UNIT = "manifest"  # the completion record of the manifest (the stage's waits for repacking, if any)
-MANIFEST = "data/manifest.parquet"
-REJECTS = "data/rejects.parquet"
 BUCKET_ROWS = 1 << 18  # hashes held at once by the duplicate search
 MAX_BUCKETS = 512
 ROW_GROUP_ROWS = 1 << 16  # manifest row groups: about this many rows, always whole shards

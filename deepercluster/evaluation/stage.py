@@ -26,14 +26,10 @@ from deepercluster.evaluation.metrics import ari, kmeans_agreement, nmi
 from deepercluster.evaluation.probes import knn_accuracy, linear_probe
 from deepercluster.evaluation.splits import probe_splits
 from deepercluster.features import features_rel, open_features
+from deepercluster.paths import HISTORY, metrics_rel  # noqa: F401  (re-exported)
 from deepercluster.store import RunStore, round_dir
 
 STAGE = "evaluate"
-HISTORY = "history.parquet"
-
-
-def metrics_rel(r: int) -> str:
-    return f"{round_dir(r)}/eval/metrics.json"
 
 
 def _train_summary(store: RunStore, r: int) -> dict[str, float]:

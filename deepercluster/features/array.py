@@ -14,18 +14,8 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 from deepercluster.errors import StoreError
-from deepercluster.store import RunStore, round_dir
-
-ARRAY = "features"
-
-
-def features_group_rel(r: int) -> str:
-    return f"{round_dir(r)}/features.zarr"
-
-
-def features_rel(r: int) -> str:
-    """The N x D feature array of round ``r`` (what ``zarr.open_array`` takes)."""
-    return f"{features_group_rel(r)}/{ARRAY}"
+from deepercluster.paths import FEATURES_ARRAY, features_group_rel, features_rel  # noqa: F401  (re-exported)
+from deepercluster.store import RunStore
 
 
 def _opts(store: RunStore) -> dict[str, Any] | None:
@@ -47,7 +37,7 @@ def create_features(store: RunStore, r: int, n: int, dim: int, shard_size: int, 
         return array
     group = zarr.open_group(store.url(features_group_rel(r)), mode="w", storage_options=_opts(store),
                             attributes={**attrs, "complete": False})
-    return group.create_array(ARRAY, shape=(n, dim), chunks=(inner_chunk_rows(shard_size), dim),
+    return group.create_array(FEATURES_ARRAY, shape=(n, dim), chunks=(inner_chunk_rows(shard_size), dim),
                               shards=(shard_size, dim), dtype="float16", fill_value=0, compressors=None,
                               dimension_names=("image", "feature"))
 
@@ -57,7 +47,7 @@ def open_features(store: RunStore, r: int, mode: str = "r") -> zarr.Array:
     if not store.exists(f"{features_rel(r)}/zarr.json"):
         raise StoreError(f"{store.url(features_rel(r))} is missing: run the extract stage of round {r} first")
     if mode == "r":
-        return zarr.open_group(store.url(features_group_rel(r)), mode="r", storage_options=_opts(store))[ARRAY]
+        return zarr.open_group(store.url(features_group_rel(r)), mode="r", storage_options=_opts(store))[FEATURES_ARRAY]
     return zarr.open_array(store.url(features_rel(r)), mode=mode, storage_options=_opts(store))
 
 

@@ -20,13 +20,10 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from deepercluster.config import ModelConfig, PipelineConfig
 from deepercluster.errors import ConfigError, StoreError
 from deepercluster.models import Body, build_body, load_body
+from deepercluster.paths import model_rel  # noqa: F401  (re-exported)
 from deepercluster.store import RunStore, round_dir
 
 OUTPUT_LAYER = "output"
-
-
-def model_rel(r: int) -> str:
-    return f"{round_dir(r)}/model.pt"
 
 
 def _made_from(cfg: PipelineConfig) -> str:

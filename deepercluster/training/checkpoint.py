@@ -12,44 +12,18 @@ checkpoint, so on resume its rows up to the checkpoint's step are kept.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from deepercluster.config import PipelineConfig
 from deepercluster.features import model_rel
-from deepercluster.store import RunStore, round_dir
+from deepercluster.paths import checkpoint_rel, final_rel, group_heads_rel, heads_dir_rel, log_rel, train_rel  # noqa: F401  (re-exported)
+from deepercluster.store import RunStore
 from deepercluster.training.errors import TrainError
 
 STAGE = "train"
-
-
-def train_rel(r: int) -> str:
-    return f"{round_dir(r)}/train"
-
-
-def checkpoint_rel(r: int) -> str:
-    return f"{train_rel(r)}/checkpoint.pt"
-
-
-def final_rel(r: int) -> str:
-    return f"{train_rel(r)}/final.pt"
-
-
-def log_rel(r: int) -> str:
-    return f"{train_rel(r)}/log.jsonl"
-
-
-def heads_dir_rel(r: int) -> str:
-    return f"{train_rel(r)}/heads"
-
-
-def group_heads_rel(r: int, step: int, group: int) -> str:
-    return f"{heads_dir_rel(r)}/step-{step:06d}/group-{group:03d}.pt"
 
 
 def unit_name(step: int) -> str:
@@ -92,19 +66,8 @@ def read_log(store: RunStore, r: int, upto_step: int | None = None) -> list[dict
 
 
 def save_torch(store: RunStore, rel: str, obj: Any) -> None:
-    """``store.save_torch``, straight into the file for a local store (no in-memory copy of a large state):
-    a temporary name, fsync, then rename, so readers see all or nothing."""
-    if not store.is_local:
-        store.save_torch(rel, obj)
-        return
-    final = Path(store.path(rel))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{uuid.uuid4().hex}-{final.name}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    """``store.save_torch``: streamed into a temporary file, renamed when whole (readers see all or nothing)."""
+    store.save_torch(rel, obj)
 
 
 def save_group_heads(store: RunStore, r: int, step: int, group: int, state: dict[str, Any]) -> None:

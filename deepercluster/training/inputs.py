@@ -13,11 +13,8 @@ from deepercluster.data.shard import MANIFEST, load_manifest
 from deepercluster.data.transforms import N_ROTATIONS, TrainingView
 from deepercluster.errors import StoreError
 from deepercluster.features import model_rel
-from deepercluster.store import RunStore, round_dir
-
-
-def assignments_rel(r: int) -> str:
-    return f"{round_dir(r)}/clusters/assignments.parquet"
+from deepercluster.paths import assignments_rel  # noqa: F401  (re-exported)
+from deepercluster.store import RunStore
 
 
 @dataclass(frozen=True)
