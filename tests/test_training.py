@@ -19,7 +19,7 @@ from scipy.stats import chisquare
 from deepercluster.config import PipelineConfig, build_config
 from deepercluster.errors import StoreError
 from deepercluster.features import ensure_round_model, model_rel
-from deepercluster.models import HierarchicalHeads
+from deepercluster.models import HierarchicalHeads, SubHeads, super_head
 from deepercluster.run import init_run
 from deepercluster.stages import get_stage, run_stage
 from deepercluster.store import RunStore
@@ -28,6 +28,7 @@ from deepercluster.training.checkpoint import checkpoint_rel, final_rel, read_lo
 from deepercluster.training.inputs import assignments_rel
 from deepercluster.training.loss import hierarchical_loss
 from deepercluster.training.sampler import UniformClusterSampler, samples_per_rank, uniform_epoch
+from deepercluster.training.trainer import TrainNet
 
 # ---- sampler ------------------------------------------------------------------------------------------------------
 # very unequal clusters (600, 120, 25, 4, 1 images) and empty ones (ids 1, 3, 4, 6, 8, 9 have no image)
@@ -115,9 +116,22 @@ def manual_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(logits.log_softmax(dim=1)[torch.arange(len(target)), target]).mean()
 
 
+class TrainerHeads:
+    """The heads as the trainer builds and calls them: ``TrainNet`` (here around an identity body: its output is
+    ReLU(features) and the super-class logits) and ``SubHeads`` fed that output and the super-classes."""
+
+    def __init__(self, in_dim: int, n_super: int, k: int, seed: int = 0):
+        self.net = TrainNet(torch.nn.Identity(), super_head(in_dim, n_super, seed))
+        self.sub = SubHeads(in_dim, n_super, k, None, seed) if k > 1 else None
+
+    def __call__(self, feats: torch.Tensor, super_class: torch.Tensor):
+        h, super_logits = self.net(feats)
+        return super_logits, self.sub(h, super_class) if self.sub is not None else None
+
+
 def test_loss_is_super_plus_own_sub_cross_entropy() -> None:
     g = torch.Generator().manual_seed(0)
-    heads = HierarchicalHeads(6, n_super=8, k=5)
+    heads = TrainerHeads(6, n_super=8, k=5)
     feats = torch.randn(32, 6, generator=g)
     super_class = torch.randint(0, 8, (32,), generator=g)
     sub_class = torch.randint(0, 5, (32,), generator=g)
@@ -125,10 +139,10 @@ def test_loss_is_super_plus_own_sub_cross_entropy() -> None:
     loss, metrics = hierarchical_loss(super_logits, sub_logits, super_class, sub_class)
     h = feats.relu()
     own_sub = torch.stack([heads.sub.weight[c] @ h[i] + heads.sub.bias[c] for i, c in enumerate(super_class)])
-    expected = manual_ce(heads.super_head(h), super_class) + manual_ce(own_sub, sub_class)
+    expected = manual_ce(heads.net.super_head(h), super_class) + manual_ce(own_sub, sub_class)
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
-    assert heads.super_head.weight.grad.abs().sum() > 0 and heads.sub.weight.grad.abs().sum() > 0
+    assert heads.net.super_head.weight.grad.abs().sum() > 0 and heads.sub.weight.grad.abs().sum() > 0
     right_super = super_logits.argmax(1) == super_class
     right_sub = sub_logits.argmax(1) == sub_class
     assert metrics["acc_super"].item() == pytest.approx(right_super.float().mean().item())
@@ -148,7 +162,7 @@ def test_loss_with_a_missing_level() -> None:
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(16, 4, generator=g)
     # RotNet: k = 1, only the (rotation x super-cluster) head
-    rot_heads = HierarchicalHeads(4, n_super=4, k=1)
+    rot_heads = TrainerHeads(4, n_super=4, k=1)
     rot = torch.randint(0, 4, (16,), generator=g)
     super_logits, sub_logits = rot_heads(feats, rot)
     assert sub_logits is None
@@ -156,7 +170,7 @@ def test_loss_with_a_missing_level() -> None:
     assert torch.allclose(loss, manual_ce(super_logits, rot), atol=1e-6)
     assert m["acc_sub"].item() == 1.0 and m["acc_joint"].item() == m["acc_super"].item()
     # DeepCluster: one super-class, only the k-way head
-    dc_heads = HierarchicalHeads(4, n_super=1, k=7)
+    dc_heads = TrainerHeads(4, n_super=1, k=7)
     target = torch.randint(0, 7, (16,), generator=g)
     zeros = torch.zeros(16, dtype=torch.long)
     super_logits, sub_logits = dc_heads(feats, zeros)
@@ -228,6 +242,7 @@ def test_train_stage_runs_two_ranks(trained: tuple[RunStore, PipelineConfig, dic
     assert all(torch.equal(final["body"][name], after["body"][name]) for name in before)
     assert final["heads"]["super_head.weight"].shape == (2, 16)  # 2 super-clusters, no rotation
     assert final["heads"]["sub.weight"].shape == (2, 3, 16)  # assembled from the two groups' files
+    HierarchicalHeads(16, n_super=2, k=3).load_state_dict(final["heads"])  # final.pt's documented heads format
     assert store.listdir("rounds/0/train/heads") == ["step-000024"]  # older sub-head files are pruned
     assert store.listdir("rounds/0/train/heads/step-000024") == ["group-000.pt", "group-001.pt"]
     rows = read_log(store, 0)
