@@ -7,6 +7,7 @@ without ``PREFECT_API_URL`` Prefect starts a temporary local server for the dura
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
@@ -39,6 +40,9 @@ def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: the preset's)")] = None,
     run_dir: Annotated[str | None, typer.Option("--run", "-r", help="run store (path or URL)")] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help=f"preset: {', '.join(PRESETS)}")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="section.field=value over the config "
+                                                    "(repeatable), e.g. --set cluster.k=1000")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="rounds (raise it to extend a run)")] = None,
 ) -> None:
     """Run, resume or extend the pipeline: shard, then extract -> cluster -> train -> evaluate per round. On an
     existing run, a changed config recomputes exactly the stages whose fingerprinted fields changed."""
@@ -47,7 +51,7 @@ def run(
     from deepercluster.stages import run_plan
 
     try:
-        cfg = load_config(config, method=method)
+        cfg = resolve_config(config, method, sets or [], rounds, run_dir)
         export_storage_options(cfg.runtime.storage_options)  # for this process and the workers it starts
         store = RunStore(run_dir or default_run_dir(cfg))
         lease = acquire_lease(store, "deepercluster run")
@@ -75,6 +79,71 @@ def run(
         console.print(result[0])
     console.print(history_table(store))
     console.print(f"artifacts in {store.uri}")
+
+
+def resolve_config(path: Path | None, method: str | None, sets: list[str], rounds: int | None,
+                   run_dir: str | None) -> PipelineConfig:
+    """The config a command asks for: ``--config`` (or, on an existing ``--run`` without one, the run's saved
+    config; else the preset's defaults), then ``--set`` and ``--rounds`` over it."""
+    from deepercluster.config import build_config, parse_sets
+    from deepercluster.run import CONFIG_FILE, load_run_config
+
+    if path is None and run_dir and RunStore(run_dir).exists(CONFIG_FILE):
+        saved = load_run_config(RunStore(run_dir)).model_dump(mode="json")
+        saved = _merge(saved, parse_sets(sets))
+        if rounds is not None:
+            saved["rounds"] = rounds
+        return build_config(saved, method=method)
+    return load_config(path, method=method, sets=sets, rounds=rounds)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: the preset's)")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"preset: {', '.join(PRESETS)}")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="section.field=value (repeatable)")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="rounds")] = None,
+    run_dir: Annotated[str | None, typer.Option("--run", "-r", help="start from this run's saved config")] = None,
+    as_yaml: Annotated[bool, typer.Option("--yaml", help="print the resolved config as YAML (a config file)")] = False,
+) -> None:
+    """The resolved config, field by field: its value, its default and what it means ("*": changed from the
+    default; "neutral": changes no result, in no fingerprint)."""
+    from deepercluster.config import RESULT_NEUTRAL, iter_fields
+
+    try:
+        cfg = resolve_config(config, method, sets or [], rounds, run_dir)
+    except DeeperClusterError as err:
+        _fail(err)
+    if as_yaml:
+        print(cfg.to_yaml(), end="")
+        return
+    section = None
+    for name, value, default, description in iter_fields(cfg):
+        head, _, field = name.rpartition(".")
+        if head != section:
+            section = head
+            console.print(f"[bold]{head or 'run'}[/]", highlight=False)
+        mark = "*" if value != default else " "
+        neutral = "  neutral" if name in RESULT_NEUTRAL or name.startswith("runtime.") else ""
+        console.print(f" {mark} {field} = {_yaml_value(value)}   (default {_yaml_value(default)}){neutral}",
+                      highlight=False, soft_wrap=True)
+        if description:
+            text = description.removesuffix(" (result-neutral: not fingerprinted)")
+            console.print(textwrap.fill(text, width=max(40, console.width - 1), initial_indent=" " * 6,
+                                        subsequent_indent=" " * 6), highlight=False, style="dim")
+
+
+def _yaml_value(value: object) -> str:
+    import json
+
+    return json.dumps(value, default=str) if not isinstance(value, str) else value
 
 
 @app.command()
@@ -120,6 +189,7 @@ def inspect(
     image: Annotated[int, typer.Option("--image", min=0, help="image id whose nearest neighbours are drawn")] = 0,
     neighbours: Annotated[int, typer.Option("--neighbours", min=1, help="nearest neighbours to draw")] = 8,
     png: Annotated[Path | None, typer.Option("--png", help="neighbour grid PNG (default: into the run)")] = None,
+    all_columns: Annotated[bool, typer.Option("--all-columns", help="every metric, one row each")] = False,
 ) -> None:
     """Per-round metrics, per-stage completion, cluster sizes (largest and smallest clusters) of the last clustered
     round, a gallery PNG per sampled cluster and a plot of the metrics over rounds (written into the run)."""
@@ -142,7 +212,7 @@ def inspect(
         print_features(store, round_, image, neighbours, png)
         return
     console.print(completion_table(store, cfg))
-    console.print(history_table(store))
+    console.print(history_table(store, all_columns=all_columns))
     print_clusters(store, cfg.rounds, cfg.cluster.n_targets, galleries)
 
 
@@ -275,37 +345,62 @@ def completion_table(store: RunStore, cfg: PipelineConfig) -> Table:
     return table
 
 
-HISTORY_COLUMNS = {  # column -> (title, format)
+HISTORY_COLUMNS = {  # column -> (short title, format); the first ones are the default table (fits 80 columns)
     "round": ("round", "{:.0f}"),
-    "nmi_labels": ("NMI labels", "{:.3f}"),
-    "ari_labels": ("ARI labels", "{:.3f}"),
-    "kmeans_nmi_labels": ("k-means NMI", "{:.3f}"),
-    "probe_acc": ("linear probe", "{:.3f}"),
+    "kmeans_nmi_labels": ("kmNMI", "{:.3f}"),
+    "probe_acc": ("probe", "{:.3f}"),
     "knn_acc": ("kNN", "{:.3f}"),
+    "nmi_labels": ("NMI", "{:.3f}"),
+    "nmi_prev": ("NMIprev", "{:.3f}"),
+    "train_loss": ("loss", "{:.3f}"),
+    "wall_s": ("time s", "{:.0f}"),
+    "ari_labels": ("ARI labels", "{:.3f}"),
     "knn_whitened_acc": ("kNN whitened", "{:.3f}"),
-    "nmi_prev": ("NMI prev", "{:.3f}"),
     "non_empty": ("clusters", "{:.0f}"),
     "size_min": ("min size", "{:.0f}"),
     "size_max": ("max size", "{:.0f}"),
-    "train_loss": ("loss", "{:.3f}"),
     "train_acc_super": ("acc super", "{:.3f}"),
     "train_acc_sub": ("acc sub", "{:.3f}"),
 }
+DEFAULT_COLUMNS = 8  # round .. time s
+LEGEND = ("kmNMI: NMI of a k-means (k = classes) of the features vs labels; probe / kNN: linear-probe and kNN "
+          "accuracy on held-out labelled images; NMI: pseudo-labels vs labels; NMIprev: vs the previous round")
 
 
-def history_table(store: RunStore) -> Table:
+def _cell(column: str, value: object) -> str:
+    if value is None or value != value:
+        return "-"
+    return HISTORY_COLUMNS[column][1].format(value) if column in HISTORY_COLUMNS else f"{value:.4g}"
+
+
+def history_table(store: RunStore, all_columns: bool = False) -> Table:
+    """The per-round metrics: the headline columns (readable at 80 columns, numbers never cut), or with
+    ``all_columns`` every recorded column, one row per metric and one column per round."""
     from deepercluster.evaluation.stage import load_history
 
     history = load_history(store)
-    columns = [c for c in HISTORY_COLUMNS if c in history.columns]
-    table = Table(title="per-round metrics (NMI/ARI of the pseudo-labels vs labels; k-means NMI: k = classes; "
-                  "linear probe / kNN: accuracy on held-out labelled images)")
+    if not all_columns:
+        columns = [c for c in list(HISTORY_COLUMNS)[:DEFAULT_COLUMNS] if c in history.columns]
+        table = Table(title="per-round metrics", caption=LEGEND, caption_justify="left")
+        for c in columns:
+            table.add_column(HISTORY_COLUMNS[c][0], justify="right", no_wrap=True)
+        for _, row in history.iterrows():
+            table.add_row(*[_cell(c, row[c]) for c in columns])
+        return table
+    columns = [c for c in history.columns if c != "round" and pd_numeric(history[c])]
+    table = Table(title="per-round metrics (every column)")
+    table.add_column("metric", no_wrap=True)
+    for r in history["round"]:
+        table.add_column(f"r{int(r)}", justify="right", no_wrap=True)
     for c in columns:
-        table.add_column(HISTORY_COLUMNS[c][0], justify="right")
-    for _, row in history.iterrows():
-        table.add_row(*["-" if row[c] != row[c] or row[c] is None else HISTORY_COLUMNS[c][1].format(row[c])
-                        for c in columns])
+        table.add_row(c, *[_cell(c, v) for v in history[c]])
     return table
+
+
+def pd_numeric(series: object) -> bool:
+    from pandas.api.types import is_numeric_dtype
+
+    return bool(is_numeric_dtype(series))
 
 
 def main() -> None:  # pragma: no cover

@@ -539,8 +539,33 @@ def _parse_yaml(text: str, where: str, empty_hint: str) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, method: str | None = None) -> PipelineConfig:
-    """Read a YAML config file (or none: the preset's defaults) and validate it."""
+def parse_sets(sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``section.field=value`` settings (the command line's ``--set``) as nested overrides; each value is read as
+    YAML (``0.1``, ``true``, ``[0.5, 1]``, ``null``), so it is validated exactly as in a config file."""
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. cluster.k=1000")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set to a value and used as a section")
+        node[leaf] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, method: str | None = None, sets: list[str] | tuple[str, ...] = (),
+                rounds: int | None = None) -> PipelineConfig:
+    """Read a YAML config file (or none: the preset's defaults), apply ``sets`` (``section.field=value``) and
+    ``rounds`` over it, and validate the result."""
     overrides: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -548,6 +573,9 @@ def load_config(path: str | Path | None = None, method: str | None = None) -> Pi
             raise ConfigError(f"config file {str(p)!r} does not exist")
         overrides = _parse_yaml(p.read_text(), f"config file {str(p)!r}",
                                 "give at least one field, or leave out --config to use the preset's defaults")
+    overrides = _deep_merge(overrides, parse_sets(sets))
+    if rounds is not None:
+        overrides["rounds"] = rounds
     return build_config(overrides, method=method)
 
 

@@ -8,6 +8,7 @@ shows in the Prefect UI. A lease on the run keeps a second run or stage off it m
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,6 +24,7 @@ from deepercluster.run import open_run
 from deepercluster.stages import begin, finish, get_stage, stage_names
 from deepercluster.stages.base import Round
 from deepercluster.stages.lineage import round_label
+from deepercluster.stages.timing import record_timing
 from flows.dask_runtime import dask_runner, dask_scheduler, require_resources
 from tasks.publish import publish
 from tasks.units import run_unit, transient
@@ -54,21 +56,24 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
             logger.info("%s of %s: done (its fingerprint matches)", label, store.uri)
             return st.result(store, cfg, r)
         logger.info("%s of %s%s", label, store.uri, " (force)" if force else "")
+        start = time.perf_counter()
         with dask_scheduler(cfg.runtime, dask_address) as address:
             units = _stage_units.with_options(task_runner=dask_runner(address), flow_run_name=f"{label} units")
-            units(run, stage, r, address)
+            n_units, cpu_s = units(run, stage, r, address)
         finish(store, st, r)
+        record_timing(store, stage, r, time.perf_counter() - start, cpu_s, n_units)
         publish(run, stage, r)
         return st.result(store, cfg, r)
 
 
 @flow(name="stage-units")
-def _stage_units(run: str, stage: str, r: Round, address: str) -> int:
+def _stage_units(run: str, stage: str, r: Round, address: str) -> tuple[int, float]:
     """Every step of the stage in order, each unit a task on the Dask scheduler at ``address``; a step's units are
-    listed once the previous step is done. Logs each step's progress every 10% of its units."""
+    listed once the previous step is done. Logs each step's progress every 10% of its units. Returns the units run
+    and their CPU seconds."""
     store, cfg = open_run(run)
     logger = get_run_logger()
-    done_units = 0
+    done_units, cpu_s = 0, 0.0
     for step in get_stage(stage).steps():
         todo = list(step.todo(store, cfg, r))
         if not todo:
@@ -83,9 +88,9 @@ def _stage_units(run: str, stage: str, r: Round, address: str) -> int:
             futures = [task.submit(run, stage, r, step.name, u, step.label(u)) for u in todo]  # resources=
         logged = 0
         for i, future in enumerate(as_completed(futures), start=1):
-            future.result()
+            cpu_s += future.result()["cpu_s"]
             if len(todo) > 1 and (i * 10 // len(todo) > logged or i == len(todo)):
                 logged = i * 10 // len(todo)
                 logger.info("%s %s: %d/%d units done", round_label(stage, r), step.name, i, len(todo))
         done_units += len(todo)
-    return done_units
+    return done_units, cpu_s

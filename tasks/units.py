@@ -18,6 +18,7 @@ from deepercluster.errors import DeeperClusterError
 from deepercluster.run import open_run
 from deepercluster.stages import get_stage
 from deepercluster.stages.base import Unit
+from deepercluster.stages.timing import timed
 
 
 class PrefectReporter:
@@ -93,8 +94,10 @@ def transient(task, task_run, state) -> bool:
 
 @task(name="unit", task_run_name="{stage}-{step}-{label}")
 def run_unit(run: str, stage: str, r: int | None, step: str, unit: Unit, label: str) -> Any:
-    """One unit of ``step`` of ``stage`` in round ``r`` of the run at ``run``; returns its small result."""
+    """One unit of ``step`` of ``stage`` in round ``r`` of the run at ``run``; returns its small result and the CPU
+    seconds it took."""
     store, cfg = open_run(run)
     where = stage if r is None else f"{stage}-r{r}"
     reporter = PrefectReporter(f"{where}-progress", f"{where}: {label}")
-    return get_stage(stage).step(step).run(store, cfg, r, unit, reporter)
+    result, cpu_s = timed(lambda: get_stage(stage).step(step).run(store, cfg, r, unit, reporter))
+    return {"result": result, "cpu_s": cpu_s}

@@ -7,6 +7,7 @@ The Prefect flow (``flows/stages.py``) does the same as :func:`run_stage`, with 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from deepercluster.config import PipelineConfig
@@ -21,6 +22,7 @@ from deepercluster.stages.lineage import (
     round_label,
     write_lineage,
 )
+from deepercluster.stages.timing import record_timing, timed
 from deepercluster.store import RunStore
 
 log = logging.getLogger("deepercluster")
@@ -85,10 +87,13 @@ def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, 
     stage.check_round(cfg, r)
     r = None if stage.scope == "data" else r
     if not begin(store, cfg, stage, r, force=force):
+        start, cpu, units = time.perf_counter(), 0.0, 0
         for step in stage.steps():
             for unit in step.todo(store, cfg, r):
-                step.run(store, cfg, r, unit, report or LogReporter())
+                cpu += timed(lambda: step.run(store, cfg, r, unit, report or LogReporter()))[1]  # noqa: B023
+                units += 1
         finish(store, stage, r)
+        record_timing(store, name, r, time.perf_counter() - start, cpu, units)
     return stage.result(store, cfg, r)
 
 
