@@ -83,6 +83,15 @@ class DataConfig(_Section):
                               "size/ratio, centre crop size; 0.875 is the papers' Resize(256) + CenterCrop(224)")
     max_pixels: int = Field(89_478_485, ge=1, description="images above this pixel count are rejected")
     min_side: int = Field(1, ge=1, description="images whose shorter side is below this are rejected")
+    max_side: int = Field(16384, ge=1, description="images with a side above this are rejected ('too large side'), "
+                          "checked from the header before decoding, in the shard stage and in every decode: a decoded "
+                          "image never holds more than max_side^2 pixels (4 bytes each)")
+    max_aspect: float = Field(50.0, ge=1, description="images whose long side / short side is above this are "
+                              "rejected ('extreme aspect ratio'), checked from the header before decoding: resizing "
+                              "the short side then makes at most max_aspect x side^2 pixels")
+    skip_hidden: bool = Field(False, description="folder source: names starting with '.' or '_' (files, and folders "
+                              "not entered) become rejects 'hidden (data.skip_hidden)' instead of being listed "
+                              "(off: '_DSC0001.jpg' is an image like any other)")
     label_column: str = Field("label", description="file list: the column (csv/parquet) holding an optional label")
     path_template: str | None = Field(None, description="yfcc100m: image location of a photo, e.g. "
                                       "'s3://bucket/{hash[:3]}/{hash[3:6]}/{hash}.jpg' or '/mirror/{id}.jpg'")

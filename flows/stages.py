@@ -14,9 +14,11 @@ from typing import Any
 
 import dask
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.runtime import deployment as runtime_deployment
 from prefect.runtime import flow_run as runtime_flow_run
+from prefect_dask import DaskTaskRunner
 
 from deepercluster.errors import ConfigError
 from deepercluster.lease import run_lease
@@ -31,9 +33,20 @@ from tasks.units import run_unit, transient
 
 
 def _stage_run_name() -> str:
+    """``r2 cluster · <run name>``: what the flow run is, on the Prefect UI's list and timeline."""
     p = runtime_flow_run.parameters
-    label = p["stage"] if p["stage"] == "shard" else f"{p['stage']} r{p.get('round', 0)}"
-    return label + (" (force)" if p.get("force") else "")
+    label = p["stage"] if p["stage"] == "shard" else f"r{p.get('round', 0)} {p['stage']}"
+    return f"{label} · {run_name(p['run'])}" + (" (force)" if p.get("force") else "")
+
+
+def run_name(run: str) -> str:
+    return run.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _on_dask() -> bool:
+    """Whether this flow run's task runner is a Dask one (the pipeline gives each stage its scheduler's)."""
+    ctx = FlowRunContext.get()
+    return ctx is not None and isinstance(ctx.task_runner, DaskTaskRunner)
 
 
 @flow(name="stage", flow_run_name=_stage_run_name)
@@ -57,9 +70,12 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
             return st.result(store, cfg, r)
         logger.info("%s of %s%s", label, store.uri, " (force)" if force else "")
         start = time.perf_counter()
-        with dask_scheduler(cfg.runtime, dask_address) as address:
-            units = _stage_units.with_options(task_runner=dask_runner(address), flow_run_name=f"{label} units")
-            n_units, cpu_s = units(run, stage, r, address)
+        if _on_dask() and dask_address:  # one flow run per stage: its units are this flow's own tasks
+            n_units, cpu_s = run_steps(run, stage, r, dask_address)
+        else:
+            with dask_scheduler(cfg.runtime, dask_address) as address:
+                units = _stage_units.with_options(task_runner=dask_runner(address), flow_run_name=f"{label} units")
+                n_units, cpu_s = units(run, stage, r, address)
         finish(store, st, r)
         record_timing(store, stage, r, time.perf_counter() - start, cpu_s, n_units)
         publish(run, stage, r)
@@ -68,9 +84,14 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
 
 @flow(name="stage-units")
 def _stage_units(run: str, stage: str, r: Round, address: str) -> tuple[int, float]:
-    """Every step of the stage in order, each unit a task on the Dask scheduler at ``address``; a step's units are
-    listed once the previous step is done. Logs each step's progress every 10% of its units. Returns the units run
-    and their CPU seconds."""
+    """A stage run on its own (``deepercluster stage``, the stage deployments): its units on a Dask task runner."""
+    return run_steps(run, stage, r, address)
+
+
+def run_steps(run: str, stage: str, r: Round, address: str) -> tuple[int, float]:
+    """Every step of the stage in order, each unit a task of the current flow run (whose task runner is the Dask
+    scheduler at ``address``); a step's units are listed once the previous step is done. Logs each step's progress
+    every 10% of its units. Returns the units run and their CPU seconds."""
     store, cfg = open_run(run)
     logger = get_run_logger()
     done_units, cpu_s = 0, 0.0

@@ -5,6 +5,7 @@ from prefect.artifacts import create_table_artifact
 
 from deepercluster import clusterfit
 from deepercluster.run import open_run
+from tasks.publish import artifact_key
 
 
 @task(name="clusterfit-prepare-source")
@@ -26,7 +27,7 @@ def summarise(run: str, source_metrics: dict, target_metrics: dict) -> dict:
     summary = clusterfit.summarise(store, source_metrics, target_metrics)
     rows = [{"network": name, **{k: None if v is None else round(v, 4) for k, v in summary[name].items()}}
             for name in ("source", "target")]
-    create_table_artifact(key="clusterfit", table=rows,
+    create_table_artifact(key=artifact_key(store, "clusterfit"), table=rows,
                           description=f"ClusterFit {store.uri}: the source network and the new network trained on "
                           "the k-means labels of its features, under the same probes")
     return summary

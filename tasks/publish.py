@@ -6,6 +6,8 @@ store)."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -18,6 +20,15 @@ from deepercluster.run import open_run
 from deepercluster.store import RunStore
 
 MAX_INLINE_BYTES = 2_000_000  # galleries beyond this are listed by their store URL instead of shown
+
+
+def artifact_key(store: RunStore, *parts: object) -> str:
+    """A Prefect artifact key of this run (``<run name>-<hash of its URI>-<parts>``): two runs, or two rounds,
+    never replace each other's artifacts."""
+    name = re.sub(r"[^a-z0-9]+", "-", store.uri.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")[:24] or "run"
+    digest = hashlib.sha256(store.uri.encode()).hexdigest()[:6]
+    tail = "-".join(re.sub(r"[^a-z0-9]+", "-", str(p).lower()) for p in parts)
+    return f"{name}-{digest}-{tail}"
 
 
 def _image(store: RunStore, rel: str, title: str, budget: list[int]) -> str:
@@ -48,7 +59,7 @@ def publish_inspection(run: str, r: int) -> dict:
     except (DeeperClusterError, OSError) as err:
         get_run_logger().warning("inspection of round %d skipped: %s", r, err)
         return {}
-    create_table_artifact(key="deepercluster-cluster-sizes", table=_size_rows(result),
+    create_table_artifact(key=artifact_key(store, f"r{r}", "cluster-sizes"), table=_size_rows(result),
                           description=f"Round {r} of {store.uri}: largest and smallest of {len(result.sizes)} "
                                       f"clusters ({result.empty} empty)")
     budget = [MAX_INLINE_BYTES]
@@ -57,7 +68,7 @@ def publish_inspection(run: str, r: int) -> dict:
         parts.append(_image(store, result.metrics_plot, "metrics over rounds", budget))
     parts += [_image(store, rel, f"cluster {t} ({int(result.sizes.set_index('target').at[t, 'size'])} images)",
                      budget) for t, rel in result.galleries.items()]
-    create_markdown_artifact(key="deepercluster-galleries", markdown="\n\n".join(parts),
+    create_markdown_artifact(key=artifact_key(store, f"r{r}", "galleries"), markdown="\n\n".join(parts),
                              description=f"Galleries of sampled clusters of round {r} (closest images first)")
     return {"galleries": len(result.galleries), "empty": result.empty}
 
@@ -86,7 +97,7 @@ def publish_cluster_sizes(run: str, r: int) -> None:
         "",
         f"Store: `{store.url(rel)}`",
     ])
-    create_markdown_artifact(key="deepercluster-cluster-histogram", markdown=markdown,
+    create_markdown_artifact(key=artifact_key(store, f"r{r}", "cluster-histogram"), markdown=markdown,
                              description=f"Cluster-size histogram of round {r} of {store.uri}")
 
 
@@ -98,7 +109,7 @@ def publish_history(run: str) -> None:
     columns = [c for c in HEADLINE if c in history.columns] + [c for c in history.columns if c not in HEADLINE]
     history = history[columns]
     create_table_artifact(
-        key="deepercluster-history",
+        key=artifact_key(store, "history"),
         table=history.round(4).astype(object).where(history.notna(), None).to_dict("records"),
         description=f"Per-round metrics of {store.uri}: k-means NMI (k = classes), linear-probe and kNN accuracy "
         "of the frozen features on held-out labelled images, NMI of the pseudo-labels vs labels and vs the previous "
@@ -113,3 +124,27 @@ def publish(run: str, stage: str, r: int | None) -> None:
     elif stage == "evaluate" and r is not None:
         publish_history(run)
         publish_inspection(run, r)
+
+
+def publish_summary(run: str, current: str) -> None:
+    """The run's live summary on its top-level flow run: where it stands, the per-round metrics (headline columns
+    first) and where each round's features, assignments and model are."""
+    from deepercluster.paths import assignments_rel, features_rel, model_rel
+
+    store, cfg = open_run(run)
+    history = load_history(store)
+    lines = [f"# {store.uri}", "", f"**{cfg.method}, {cfg.rounds} rounds** - now: {current}", ""]
+    columns = [c for c in HEADLINE if c in history.columns]
+    if len(history) and columns:
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for _, row in history.iterrows():
+            lines.append("| " + " | ".join("-" if row[c] != row[c] else f"{row[c]:.4g}" for c in columns) + " |")
+        lines.append("")
+    lines += ["| round | features | assignments | model |", "|---|---|---|---|"]
+    for r in range(cfg.rounds + 1):
+        cells = [f"`{store.url(rel)}`" if store.exists(rel) else "-" for rel in (
+            f"{features_rel(r)}/zarr.json", assignments_rel(r), model_rel(r))]
+        cells[0] = cells[0].replace("/zarr.json", "")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    create_markdown_artifact(key=artifact_key(store, "summary"), markdown="\n".join(lines),
+                             description=f"Where {store.uri} stands: current stage, metrics, artifact locations")

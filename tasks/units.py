@@ -19,6 +19,7 @@ from deepercluster.run import open_run
 from deepercluster.stages import get_stage
 from deepercluster.stages.base import Unit
 from deepercluster.stages.timing import timed
+from tasks.publish import artifact_key
 
 
 class PrefectReporter:
@@ -98,6 +99,6 @@ def run_unit(run: str, stage: str, r: int | None, step: str, unit: Unit, label: 
     seconds it took."""
     store, cfg = open_run(run)
     where = stage if r is None else f"{stage}-r{r}"
-    reporter = PrefectReporter(f"{where}-progress", f"{where}: {label}")
+    reporter = PrefectReporter(artifact_key(store, where, "progress"), f"{where} of {store.uri}: {label}")
     result, cpu_s = timed(lambda: get_stage(stage).step(step).run(store, cfg, r, unit, reporter))
     return {"result": result, "cpu_s": cpu_s}

@@ -12,6 +12,7 @@ from deepercluster.config import build_config
 from deepercluster.run import init_run
 from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
+from tasks.publish import artifact_key
 
 pytestmark = pytest.mark.slow
 
@@ -39,4 +40,4 @@ def test_cluster_flow_on_dask_matches_one_process(tmp_path: Path, digits_dir: Pa
 
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_latest_artifacts()}
-    assert "deepercluster-cluster-histogram" in keys
+    assert artifact_key(flow_store, "r0", "cluster-histogram") in keys

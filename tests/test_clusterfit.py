@@ -18,6 +18,7 @@ from deepercluster.models import build_body, load_body
 from deepercluster.run import init_run
 from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
+from tasks.publish import artifact_key
 
 SOURCE_MODEL = {"arch": "smallnet", "feature_dim": 24}
 
@@ -143,7 +144,7 @@ def test_clusterfit_flow_from_a_rotnet_checkpoint(tmp_path: Path, digits_dir: Pa
     assert load_history(store)["round"].tolist() == [1]
     assert store.stage_done("train", 0) and store.exists("rounds/1/features.zarr")
     with get_client(sync_client=True) as client:
-        assert any(a.key == "clusterfit" for a in client.read_latest_artifacts())
+        assert any(a.key == artifact_key(store, "clusterfit") for a in client.read_latest_artifacts())
     # a rerun finds every stage done
     before = store.done_record("train", 0, "_stage")
     assert clusterfit_flow(str(run), dask_address=dask_address) == summary

@@ -29,6 +29,7 @@ from conftest import tiny_overrides
 from deepercluster.config import build_config
 from deepercluster.run import init_run
 from deepercluster.store import ROUND_STAGES, RunStore
+from tasks.publish import artifact_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ROOT / "deployments"
@@ -262,17 +263,18 @@ def test_deployments_on_a_prefect_server_with_postgres(prefect_on_postgres, dask
             (fr,) = by_deployment[deployed[name].id]
             assert fr.state.type == StateType.COMPLETED, (name, fr.state)
             assert fr.parameters["run"] == run
-            if name.startswith("stage/"):  # the deployment's fixed stage ran, as a subflow of the flow `stage`
+            if name.startswith("stage/"):  # the deployment's fixed stage ran: the flow `stage`, units on Dask
                 assert fr.parameters["stage"] == name.split("/")[1]
                 children = [c for c in runs if c.parent_task_run_id
                             and client.read_task_run(c.parent_task_run_id).flow_run_id == fr.id]
-                assert [client.read_flow(c.flow_id).name for c in children] == [name.split("/")[1]]
+                assert [client.read_flow(c.flow_id).name for c in children] == ["stage-units"]  # its units
         # the loop's stages are subflow runs of the same server, all completed
         sub = [fr for fr in runs if fr.parent_task_run_id is not None]
-        assert {f.name for f in client.read_flows()} >= {"stage", *STAGES}
+        assert {f.name for f in client.read_flows()} >= {"deepercluster", "stage", "stage-units"}
         assert sub and all(fr.state.type == StateType.COMPLETED for fr in sub)
         artifacts = {a.key for a in client.read_latest_artifacts()}
-        assert {"deepercluster-history", "deepercluster-cluster-sizes", "deepercluster-galleries"} <= artifacts
+        assert {artifact_key(store, "history"), artifact_key(store, "r0", "cluster-sizes"),
+                artifact_key(store, "r0", "galleries")} <= artifacts
     assert _count_rows(postgres_url, "flow_run") == len(runs)  # the server's database is this PostgreSQL
 
 

@@ -11,6 +11,7 @@ from deepercluster.evaluation.stage import load_history
 from deepercluster.run import init_run, open_run
 from deepercluster.stages import run_plan
 from deepercluster.store import ROUND_STAGES, RunStore
+from tasks.publish import artifact_key
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
 
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
-        assert any(a.key == "deepercluster-history" for a in artifact)
+        assert any(a.key == artifact_key(store, "history") for a in artifact)
 
     # rerunning one stage (the flow behind `deepercluster stage` and the stage/<name> deployments) recomputes only
     # it; the stages that read its outputs become stale, and the next run recomputes exactly those
@@ -87,3 +88,35 @@ def test_stage_flow_checks_its_stage_round_and_deployment(tmp_path: Path, digits
     with pytest.raises(ConfigError, match="deployment stage/cluster-docker runs the cluster stage, not train"):
         stage_flow.fn(str(run), "train", 0)
     assert not RunStore(run).done_units("train", 0)
+
+
+def test_prefect_ui_reads_one_named_tagged_flow_run_per_stage_and_runs_share_no_artifact(tmp_path: Path,
+                                                                                          digits_dir: Path,
+                                                                                          dask_address):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from flows.pipeline import pipeline_flow
+
+    keys = []
+    for name in ("ui-a", "ui-b"):
+        run = str(tmp_path / name)
+        pipeline_flow(run, config=tiny_overrides(digits_dir, rounds=1), dask_address=dask_address)
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"run:{name}"])))
+            assert len(runs) <= 2 + 4 * (1 + 1)  # the pipeline, then one flow run per stage run
+            names = sorted(fr.name for fr in runs)
+            assert names == sorted([f"run · {name}", f"shard · {name}", *(f"r0 {s} · {name}" for s in ROUND_STAGES),
+                                    f"r1 extract · {name}", f"r1 evaluate · {name}"])
+            for fr in runs:
+                assert "method:deepercluster" in fr.tags
+                if fr.name.startswith("r1 "):
+                    assert "round:1" in fr.tags
+            top = next(fr for fr in runs if fr.name.startswith("run · "))
+            artifacts = client.read_artifacts()
+            mine = {a.key for a in artifacts if a.key and a.key.startswith(artifact_key(RunStore(run)))}
+            summary = [a for a in artifacts if a.key == artifact_key(RunStore(run), "summary")]
+            assert summary and any(a.flow_run_id == top.id for a in summary)
+            assert "now: done" in summary[0].data or any("now: done" in a.data for a in summary)
+        keys.append(mine)
+    assert keys[0] and keys[1] and not keys[0] & keys[1]

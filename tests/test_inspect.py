@@ -138,7 +138,7 @@ def test_galleries_and_tables_as_prefect_artifacts(clustered_run, prefect_server
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from tasks.publish import publish_inspection
+    from tasks.publish import artifact_key, publish_inspection
 
     store, _ = clustered_run
 
@@ -151,7 +151,8 @@ def test_galleries_and_tables_as_prefect_artifacts(clustered_run, prefect_server
     assert result == {"galleries": min(8, non_empty), "empty": 10 - non_empty}
     with get_client(sync_client=True) as client:
         latest = {a.key: a for a in client.read_latest_artifacts()}
-    sizes, galleries = latest["deepercluster-cluster-sizes"], latest["deepercluster-galleries"]
+    sizes = latest[artifact_key(store, "r0", "cluster-sizes")]
+    galleries = latest[artifact_key(store, "r0", "galleries")]
     assert sizes.type == "table" and galleries.type == "markdown"
     rows = sizes.data if isinstance(sizes.data, list) else json.loads(sizes.data)
     assert {r["kind"] for r in rows} == {"largest", "smallest"}

@@ -45,7 +45,7 @@ def test_shard_stage_keeps_good_images_and_records_every_reject(tmp_path: Path, 
     assert info["images"] == len(manifest) == 12
     reasons = {Path(u).name: r for u, r in zip(rejects["uri"], rejects["reason"], strict=True)}
     assert reasons == {"dup.png": "duplicate", "empty.jpg": "empty file", "text.png": "not an image",
-                       "cut.png": "truncated", "notes.txt": "not an image", "huge.png": "too large"}
+                       "cut.png": "truncated", "notes.txt": "not an image suffix", "huge.png": "too large"}
     assert manifest["image_id"].tolist() == list(range(12))
     assert manifest["shard"].tolist() == [0] * 5 + [1] * 5 + [2] * 2
     assert set(manifest["label"]) == {"cat", "dog"} and manifest["label_id"].notna().all()

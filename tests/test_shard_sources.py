@@ -98,7 +98,7 @@ def test_every_broken_image_is_a_reject_and_odd_images_decode_right(tmp_path: Pa
     rejects = store.read_parquet("data/rejects.parquet")
     reasons = {Path(u).name: r for u, r in zip(rejects["uri"], rejects["reason"], strict=True)}
     assert reasons == {"empty.jpg": "empty file", "truncated.jpg": "truncated", "text.png": "not an image",
-                       "notes.txt": "not an image", "bomb.png": "too large", "missing.jpg": "missing",
+                       "notes.txt": "not an image suffix", "bomb.png": "too large", "missing.jpg": "dangling symlink",
                        "locked.png": "permission denied", "thin.png": "too small", "copy.png": "duplicate"}
     kept = {Path(u).name for u in manifest["uri"]}
     assert kept == {f"g{i}.png" for i in range(5)} | {"cmyk.jpg", "grey16.png", "palette.png", "animated.gif",

@@ -10,6 +10,7 @@ from test_training import N_IMAGES, make_run
 
 from deepercluster.stages.train import ProgressLines
 from deepercluster.training.progress import describe_progress, format_progress, parse_progress
+from tasks.publish import artifact_key
 from tasks.units import PrefectReporter
 
 
@@ -36,7 +37,7 @@ def test_train_flow_reports_progress_to_prefect(image_folder: Path, tmp_path: Pa
     assert info["steps"] == N_IMAGES // 8 and info["world_size"] == 1
     with get_client(sync_client=True) as client:
         latest = {a.key: a for a in client.read_latest_artifacts()}
-    progress = latest["train-r0-progress"]
+    progress = latest[artifact_key(store, "train-r0", "progress")]
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert progress.task_run_id is not None  # attached to the train task's run
 

@@ -10,6 +10,10 @@ Three steps, each resumable, none holding the whole listing in memory:
    so that image shard ``s`` (rows with ``shard == s``) is exactly zarr shard ``s``.
 4. With ``data.repack``, ``repack_shard`` copies each image shard's files into one webdataset tar
    (:mod:`deepercluster.data.repack`); ``finalize_shard_stage`` then marks the stage done.
+
+Every entry the source yields is accounted for: it is a manifest row or a rejects row, whose reason is one of
+:data:`REJECT_REASONS` (reason -> meaning; :func:`reason_key` maps a reason with a detail back to its key), so
+``images + rejects`` of the stage's record is the number of entries listed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from deepercluster.config import DataConfig
-from deepercluster.data.images import probe
+from deepercluster.data.images import REJECT_REASONS, probe, reason_key  # noqa: F401  (the rejects' vocabulary)
 from deepercluster.data.parquet_stream import ParquetStream, read_table, write_table
 from deepercluster.data.repack import PACKED, finalize_repack
 from deepercluster.data.sources import extra_columns, iter_source, source_kind
@@ -57,7 +61,7 @@ def manifest_schema(kind: str) -> pa.Schema:
     return pa.schema(fields + [(c, ARROW_TYPES[t]) for c, t in extra_columns(kind).items()])
 
 
-REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
+REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])  # reason: see REJECT_REASONS
 
 
 # ---- 1. listing ---------------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ def scan_part(store: RunStore, cfg: DataConfig, part: str) -> dict[str, int]:
     probed: dict[str, list] = {name: [] for name in PROBE_FIELDS}
     rejects = []
     for uri, reject in zip(listing["uri"].to_pylist(), listing["reject"].to_pylist(), strict=True):
-        p = probe(uri, cfg.max_pixels, cfg.min_side) if reject is None else None
+        p = probe(uri, cfg.max_pixels, cfg.min_side, cfg.max_side, cfg.max_aspect) if reject is None else None
         for name in PROBE_FIELDS:
             probed[name].append(getattr(p, name) if p else (0 if name != "sha256" else ""))
         rejects.append(p.reject if p else reject)

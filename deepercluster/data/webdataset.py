@@ -77,13 +77,17 @@ def _sample_row(tar_url: str, key: str, members: list[tarfile.TarInfo], tf: tarf
 
 
 def iter_webdataset(source: str) -> Iterator[dict[str, Any]]:
-    """Listing rows, one per sample of every tar in order; an unreadable tar (or its unreadable tail) is a reject."""
+    """Listing rows, one per sample of every tar in order; an unreadable tar (or its unreadable tail) is a reject,
+    and so is each member that is neither a file nor a folder (a symbolic or hard link)."""
     for tar_url in tar_urls(source):
         try:
             with fsspec.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
                 key, members = None, []
                 for m in tf:
-                    if not m.isfile():
+                    if m.isdir():
+                        continue
+                    if not m.isfile():  # a link, FIFO or device member: no bytes of its own to read
+                        yield {"uri": f"{tar_url}#{m.name}", "label": None, "reject": "not a regular file"}
                         continue
                     k = _key_and_ext(m.name)[0]
                     if members and k != key:
