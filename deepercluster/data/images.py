@@ -43,8 +43,8 @@ REJECT_REASONS: dict[str, str] = {
     "symlink loop": "a symbolic link to a folder that contains it (or a link cycle): not followed again",
     "unreadable folder: <error>": "a folder that cannot be listed (the OS error's text); its files are unknown",
     "undecodable name": "a file name that is not valid UTF-8 (the uri shows its bytes escaped)",
-    "malformed list row <n>": "a row of a csv/tsv file list with too few or too many fields, or no path (row n of "
-                              "the file, the header being row 1)",
+    "malformed list row <n>": "a csv/tsv list row with too few or too many fields, or a csv/tsv/parquet row with "
+                              "no path (row n of the file, a csv header being row 1)",
     "malformed metadata line": "a YFCC100M metadata line of neither known layout (the uri ends with :<line>)",
     "no image in sample": "a webdataset sample without any image member",
     "unreadable tar: <error>": "a webdataset tar that cannot be read (from this sample on)",
