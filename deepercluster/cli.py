@@ -29,10 +29,55 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _prefect_env() -> None:
+def _prefect_env(verbose: bool = False) -> None:
+    """Prefect's settings for a command, set before Prefect is imported. Unless ``verbose``, Prefect's console
+    handler shows warnings only (in this process and the Dask workers it starts): its INFO lines still reach the
+    Prefect server and the run's log file (:func:`_log_to_run`)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
+def _log_to_run(store: RunStore) -> str | None:
+    """Prefect's and the library's log lines (INFO and up) into ``<run>/logs/<command time>.log`` (local runs;
+    remote ones have the Prefect server's). Returns the file's path."""
+    import logging
+    import time
+
+    if not store.is_local:
+        return None
+    path = Path(store.path("logs")) / time.strftime("%Y%m%d-%H%M%S.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s - %(message)s"))
+    for name in ("prefect", "deepercluster"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+    return str(path)
+
+
+def _watch(title: str):
+    """The live view of a command's run, subscribed to the progress events while it is open."""
+    from contextlib import contextmanager
+
+    from deepercluster.console import RunView
+    from deepercluster.progress import subscribe
+
+    @contextmanager
+    def watching():
+        view = RunView(console, title)
+        stop = subscribe(view)
+        try:
+            with view:
+                yield view
+        finally:
+            stop()
+
+    return watching()
 
 
 @app.command()
@@ -43,6 +88,7 @@ def run(
     sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="section.field=value over the config "
                                                     "(repeatable), e.g. --set cluster.k=1000")] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", help="rounds (raise it to extend a run)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also Prefect's log lines on the console")] = False,
 ) -> None:
     """Run, resume or extend the pipeline: shard, then extract -> cluster -> train -> evaluate per round. On an
     existing run, a changed config recomputes exactly the stages whose fingerprinted fields changed."""
@@ -67,10 +113,14 @@ def run(
             for state in run_plan(store, cfg):
                 if state.status == "stale":
                     console.print(f"recomputed: {state.describe()}", highlight=False)
-        _prefect_env()
+        _prefect_env(verbose)
         from flows.pipeline import pipeline_flow
 
-        result = pipeline_flow(store.uri)
+        log_file = _log_to_run(store)
+        if log_file:
+            console.print(f"log: {log_file}", highlight=False, soft_wrap=True)
+        with _watch(f"{cfg.method} run {store.uri}, {cfg.rounds} rounds"):
+            result = pipeline_flow(store.uri)
     except DeeperClusterError as err:
         _fail(err)
     finally:
@@ -152,6 +202,7 @@ def stage(
     run_dir: Annotated[str, typer.Option("--run", "-r", help="run store (path or URL)")],
     round_: Annotated[int, typer.Option("--round", help="round (ignored by shard)")] = 0,
     force: Annotated[bool, typer.Option("--force", help="recompute even the units already done")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also Prefect's log lines on the console")] = False,
 ) -> None:
     """Run (or rerun with --force) one stage of an existing run: the flow the `stage/NAME` deployments run. Stages
     that read its outputs become stale: the next `deepercluster run` recomputes them."""
@@ -165,11 +216,13 @@ def stage(
         lease = acquire_lease(store, f"deepercluster stage {name}")
     except DeeperClusterError as err:
         _fail(err)
-    _prefect_env()
+    _prefect_env(verbose)
     from flows.stages import stage_flow
 
     try:
-        result = stage_flow(store.uri, name, round_, force=force)
+        _log_to_run(store)
+        with _watch(f"stage {name} of {store.uri}"):
+            result = stage_flow(store.uri, name, round_, force=force)
     except DeeperClusterError as err:
         _fail(err)
     finally:

@@ -13,12 +13,22 @@ from prefect import flow, get_run_logger, tags
 
 from deepercluster.config import build_config
 from deepercluster.lease import run_lease
+from deepercluster.progress import emit
 from deepercluster.run import init_run, open_run
 from deepercluster.stages import run_plan, run_sequence
 from deepercluster.store import RunStore, export_storage_options
 from flows.dask_runtime import dask_runner, dask_scheduler
 from flows.stages import run_name, stage_flow
 from tasks.publish import publish_summary
+
+
+def history_row(store: RunStore, r: int) -> dict:
+    """Round ``r``'s row of ``history.parquet`` (metrics and stage times)."""
+    from deepercluster.evaluation.stage import load_history
+
+    history = load_history(store)
+    rows = history[history["round"] == r].to_dict("records")
+    return rows[0] if rows else {"round": r}
 
 
 def tag_this_flow_run(*new: str) -> None:
@@ -66,6 +76,7 @@ def pipeline_flow(run: str, config: dict[str, Any] | None = None, dask_address: 
                     result = on_dask(run, stage.name, 0 if r is None else r, dask_address=address)
                 if stage.name == "evaluate":
                     metrics.append(result)
+                    emit("metrics", row=history_row(store, r))
                     logger.info("round %d: %s", r, {k: round(v, 4) if isinstance(v, float) else v
                                                      for k, v in result.items()})
         publish_summary(run, "done")

@@ -22,6 +22,7 @@ from prefect_dask import DaskTaskRunner
 
 from deepercluster.errors import ConfigError
 from deepercluster.lease import run_lease
+from deepercluster.progress import emit
 from deepercluster.run import open_run
 from deepercluster.stages import begin, finish, get_stage, stage_names
 from deepercluster.stages.base import Round
@@ -67,8 +68,10 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
     with run_lease(store, f"stage {label}"):
         if begin(store, cfg, st, r, force=force):
             logger.info("%s of %s: done (its fingerprint matches)", label, store.uri)
+            emit("stage", label=label, status="done")
             return st.result(store, cfg, r)
         logger.info("%s of %s%s", label, store.uri, " (force)" if force else "")
+        emit("stage", label=label, status="running")
         start = time.perf_counter()
         if _on_dask() and dask_address:  # one flow run per stage: its units are this flow's own tasks
             n_units, cpu_s = run_steps(run, stage, r, dask_address)
@@ -78,6 +81,7 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
                 n_units, cpu_s = units(run, stage, r, address)
         finish(store, st, r)
         record_timing(store, stage, r, time.perf_counter() - start, cpu_s, n_units)
+        emit("stage_end", label=label, seconds=time.perf_counter() - start, units=n_units)
         publish(run, stage, r)
         return st.result(store, cfg, r)
 
@@ -108,8 +112,10 @@ def run_steps(run: str, stage: str, r: Round, address: str) -> tuple[int, float]
         with dask.annotate(resources=resources) if resources else nullcontext():  # prefect-dask passes no
             futures = [task.submit(run, stage, r, step.name, u, step.label(u)) for u in todo]  # resources=
         logged = 0
+        emit("units", label=round_label(stage, r), step=step.name, done=0, total=len(todo))
         for i, future in enumerate(as_completed(futures), start=1):
             cpu_s += future.result()["cpu_s"]
+            emit("units", label=round_label(stage, r), step=step.name, done=i, total=len(todo))
             if len(todo) > 1 and (i * 10 // len(todo) > logged or i == len(todo)):
                 logged = i * 10 // len(todo)
                 logger.info("%s %s: %d/%d units done", round_label(stage, r), step.name, i, len(todo))

@@ -1,5 +1,7 @@
 """Two commands on one run: the second `deepercluster run` (or `stage`) exits at once with one line naming the
-run's owner, while the first completes; afterwards `inspect` reads the run with its data source moved away."""
+run's owner, while the first completes; the first's output, piped to a file at 80 columns, is short (no Prefect
+line) and its table holds every round's metrics in full; afterwards `inspect` reads the run with its data source
+moved away."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import pytest
 import yaml
 from conftest import tiny_overrides
 
+from deepercluster.evaluation.stage import load_history
+from deepercluster.store import RunStore
+
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "deepercluster")
 
@@ -29,7 +34,7 @@ def test_a_second_command_on_a_leased_run_is_refused_and_inspect_needs_no_data(t
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_overrides(source, rounds=1)))
     run = tmp_path / "run"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}, "COLUMNS": "200"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "COLUMNS": "80"}
     log = tmp_path / "first.log"
     first = subprocess.Popen([CLI, "run", "--config", str(config), "--run", str(run)], stdout=log.open("w"),
                              stderr=subprocess.STDOUT, env=env)
@@ -50,6 +55,16 @@ def test_a_second_command_on_a_leased_run_is_refused_and_inspect_needs_no_data(t
             first.kill()
             first.wait()
     assert not (run / "_lease.json").exists()  # released at the end
+
+    out = log.read_text().splitlines()
+    assert len(out) < 60 and not [line for line in out if "Task run" in line or "Flow run" in line], out
+    assert all(len(line) <= 80 for line in out if line[:1] in "┏┃┡│└")  # the table fits (paths may not)
+    table = [[c.strip() for c in line.strip("│").split("│")] for line in out if line.startswith("│")]
+    history = load_history(RunStore(run))
+    assert [int(row[0]) for row in table] == history["round"].tolist() == [0, 1]
+    for row, (_, want) in zip(table, history.iterrows(), strict=True):
+        for cell, column in zip(row[1:5], ("kmeans_nmi_labels", "probe_acc", "knn_acc", "nmi_labels"), strict=True):
+            assert cell == ("-" if want[column] != want[column] else f"{want[column]:.3f}"), (column, cell)
 
     shutil.move(source, tmp_path / "moved-away")
     result = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "200"})

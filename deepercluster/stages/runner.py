@@ -12,6 +12,7 @@ from typing import Any
 
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import StoreError
+from deepercluster.progress import emit
 from deepercluster.stages.base import Reporter, Round, Stage, get_stage
 from deepercluster.stages.lineage import (
     StageState,
@@ -86,14 +87,21 @@ def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, 
     stage = get_stage(name)
     stage.check_round(cfg, r)
     r = None if stage.scope == "data" else r
-    if not begin(store, cfg, stage, r, force=force):
+    label = round_label(name, r)
+    if begin(store, cfg, stage, r, force=force):
+        emit("stage", label=label, status="done")
+    else:
+        emit("stage", label=label, status="running")
         start, cpu, units = time.perf_counter(), 0.0, 0
         for step in stage.steps():
-            for unit in step.todo(store, cfg, r):
+            todo = list(step.todo(store, cfg, r))
+            for i, unit in enumerate(todo, start=1):
                 cpu += timed(lambda: step.run(store, cfg, r, unit, report or LogReporter()))[1]  # noqa: B023
-                units += 1
+                emit("units", label=label, step=step.name, done=i, total=len(todo))
+            units += len(todo)
         finish(store, stage, r)
         record_timing(store, name, r, time.perf_counter() - start, cpu, units)
+        emit("stage_end", label=label, seconds=time.perf_counter() - start, units=units)
     return stage.result(store, cfg, r)
 
 

@@ -47,7 +47,8 @@ class ShardStage(Stage):
     # image_size and crop_ratio are how the later stages read the images, not which images there are
     fields: ClassVar[tuple[str, ...]] = ("data.source", "data.kind", "data.limit", "data.shard_size",
                                          "data.max_pixels", "data.min_side", "data.label_column",
-                                         "data.path_template", "data.id_list", "data.repack")
+                                         "data.path_template", "data.id_list", "data.repack", "data.max_side",
+                                         "data.max_aspect", "data.skip_hidden")
 
     def steps(self) -> list[Step]:
         return [
