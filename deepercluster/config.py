@@ -242,6 +242,10 @@ class EvalConfig(_Section):
     probe_max_iter: int = Field(300, ge=1, description="L-BFGS iterations of the linear probe")
     layer: str | None = Field(None, description="layer the probes read: None = the extracted features; else a module "
                               "of the body, e.g. 'trunk.12' (conv maps are average-pooled), run on the split images")
+    tensorboard: bool = Field(True, description="write TensorBoard event files into <run>/tb: training curves, "
+                              "per-round metrics, cluster-size histograms, galleries, embedding projector")
+    embedding_sample: int = Field(1000, ge=0, description="images of each round in TensorBoard's embedding projector "
+                                  "(seeded sample, with cluster id, label and thumbnail); 0 = no projector")
     final_round: bool = Field(True, description="after the last round's training, also extract and evaluate the "
                               "model it produced (a history row with round = rounds: what all the training gave)")
 

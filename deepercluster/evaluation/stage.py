@@ -98,8 +98,9 @@ def probe_metrics(store: RunStore, cfg: PipelineConfig, r: int, manifest: pd.Dat
     return out
 
 
-def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
-    """Every metric of round ``r``'s features: ``metrics.json``, the round's history row, the stage record."""
+def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, mark_done: bool = True) -> dict:
+    """Every metric of round ``r``'s features: ``metrics.json``, the round's history row and (``mark_done``) the
+    stage record."""
     if not store.exists(f"{features_rel(r)}/zarr.json"):
         raise StoreError(f"evaluate round {r}: {store.url(features_rel(r))} is missing: run the extract stage first")
     manifest = load_manifest(store)
@@ -121,8 +122,13 @@ def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
     metrics.update({f"train_{k}": v for k, v in _train_summary(store, r).items()})
     store.write_json(metrics_rel(r), metrics)
     append_history(store, metrics)
-    store.mark_stage_done(STAGE, r, {k: metrics.get(k) for k in ("nmi_labels", "probe_acc", "knn_acc")})
+    if mark_done:
+        mark_evaluated(store, r, metrics)
     return metrics
+
+
+def mark_evaluated(store: RunStore, r: int, metrics: dict) -> None:
+    store.mark_stage_done(STAGE, r, {k: metrics.get(k) for k in ("nmi_labels", "probe_acc", "knn_acc")})
 
 
 def append_history(store: RunStore, row: dict) -> pd.DataFrame:

@@ -14,7 +14,24 @@ from deepercluster.store import RunStore
 
 
 def _todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.stage_done(lib.STAGE, r) else ["evaluate"]
+    return [] if store.exists(lib.metrics_rel(r)) else ["evaluate"]
+
+
+def _tensorboard_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if not cfg.eval.tensorboard or store.is_done(lib.STAGE, r, "tensorboard") else ["tensorboard"]
+
+
+def _tensorboard(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Any) -> dict[str, int]:
+    from deepercluster.evaluation.tensorboard import write_round
+
+    assert r is not None
+    counts = write_round(store, cfg, r)
+    store.mark_done(lib.STAGE, r, "tensorboard", counts)
+    return counts
+
+
+def _finish_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if store.stage_done(lib.STAGE, r) else ["finish"]
 
 
 @dataclass
@@ -27,7 +44,8 @@ class EvaluateStage(Stage):
                                          "eval.knn_k", "eval.probe_train", "eval.probe_test", "eval.split_seed",
                                          "eval.probe_weight_decay", "eval.probe_max_iter", "eval.layer",
                                          "cluster.niter", "cluster.pca_dim", "cluster.pca_sample", "cluster.whiten",
-                                         "data.image_size", "data.crop_ratio", "seed")
+                                         "data.image_size", "data.crop_ratio", "seed", "eval.tensorboard",
+                                         "eval.embedding_sample")
 
     def inputs(self, cfg: PipelineConfig, r: Round) -> list[tuple[str, Round]]:
         assert r is not None
@@ -41,7 +59,12 @@ class EvaluateStage(Stage):
             super().check_round(cfg, r)
 
     def steps(self) -> list[Step]:
-        return [Step("evaluate", _todo, lambda store, cfg, r, u, rep: lib.evaluate_round(store, cfg, r))]
+        return [
+            Step("evaluate", _todo, lambda store, cfg, r, u, rep: lib.evaluate_round(store, cfg, r, mark_done=False)),
+            Step("tensorboard", _tensorboard_todo, _tensorboard),
+            Step("finish", _finish_todo,
+                 lambda store, cfg, r, u, rep: lib.mark_evaluated(store, r, store.read_json(lib.metrics_rel(r)))),
+        ]
 
     def discard(self, store: RunStore, cfg: PipelineConfig, r: Round) -> None:
         store.reset_stage(lib.STAGE, r)
