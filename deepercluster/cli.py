@@ -106,7 +106,7 @@ def run(
     try:
         changes = init_run(store, cfg)
         console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  identity={run_identity(cfg)[:8]}  "
-                      f"rounds={cfg.rounds}", highlight=False)
+                      f"rounds={cfg.rounds}", highlight=False, soft_wrap=True)
         for change in changes:
             console.print(f"config changed: {change}", highlight=False)
         if cfg.method != "clusterfit":

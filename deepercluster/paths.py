@@ -9,6 +9,7 @@
     data/packed/shard-XXXXX.tar (+ index)     with data.repack: each shard's images in one tar
     rounds/<r>/model.pt (+ model.json)        the weights round r starts from (round 0: what made it)
     rounds/<r>/features.zarr/features         N x D float16 features, one zarr shard per image shard
+                                              (zarr shard s: the object features/c/<s>/0)
     rounds/<r>/clusters/                      pca.npz, whitened.zarr, super/sub parquet + centroids and means,
                                               assignments.parquet, stats.json, sizes.png
     rounds/<r>/train/                         checkpoint.pt, heads/step-*/group-*.pt, final.pt, log.jsonl
@@ -18,6 +19,8 @@
 """
 
 from __future__ import annotations
+
+import re
 
 CONFIG_FILE = "config.yaml"
 LEASE_FILE = "_lease.json"
@@ -54,6 +57,12 @@ def features_group_rel(r: int) -> str:
 def features_rel(r: int) -> str:
     """The N x D feature array of round ``r`` (what ``zarr.open_array`` takes)."""
     return f"{features_group_rel(r)}/{FEATURES_ARRAY}"
+
+
+def zarr_shard_rel(array_rel: str, shard: int) -> str:
+    """The object holding zarr shard ``shard`` (rows) of the 2-D array at ``array_rel`` (zarr 3, one shard across
+    the columns, the default ``/`` chunk key separator): what a unit that writes that shard records."""
+    return f"{array_rel}/c/{shard}/0"
 
 
 def clusters_rel(r: int, name: str = "") -> str:
@@ -110,3 +119,29 @@ def metrics_rel(r: int) -> str:
 
 def gallery_rel(r: int, target: int) -> str:
     return eval_rel(r, f"gallery/cluster-{target:05d}.png")
+
+
+# ---- which unit makes a file: (stage, round, unit) ----------------------------------------------------------------
+_OWNERS: list[tuple[re.Pattern[str], str, str]] = [
+    (re.compile(rf"{PARTS}/(?P<n>part-\d+)\.parquet"), "shard", "{n}"),
+    (re.compile(r"data/(manifest|rejects)\.parquet"), "shard", "manifest"),
+    (re.compile(r"rounds/(?P<r>\d+)/features\.zarr/features/c/(?P<s>\d+)/0"), "extract", "shard-{s:05d}"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/whitened\.zarr/c/(?P<s>\d+)/0"), "cluster", "whiten-{s:05d}"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/(pca\.npz|super\.parquet|super_centroids\.npy)"), "cluster", "level1"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/sub-(?P<s>\d+)(\.parquet|_centroids\.npy|_means\.npy)"), "cluster",
+     "super-{s:04d}"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/(assignments\.parquet|stats\.json|sizes\.png)"), "cluster", "_stage"),
+    (re.compile(r"rounds/(?P<r>\d+)/eval/metrics\.json"), "evaluate", "_stage"),
+]
+
+
+def owner_of(rel: str) -> tuple[str, int | None, str] | None:
+    """The unit whose completion record lists ``rel`` among its outputs, as (stage, round, unit): the stage
+    modules' unit names (``_stage``: the stage's own record); None for a file no unit records."""
+    for pattern, stage, unit in _OWNERS:
+        m = pattern.fullmatch(rel)
+        if m:
+            groups = {k: v if k == "n" else int(v) for k, v in m.groupdict().items()}
+            r = groups.pop("r", None)
+            return stage, r, unit.format(**groups)
+    return None

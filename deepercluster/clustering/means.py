@@ -15,7 +15,7 @@ import numpy as np
 from deepercluster.clustering.kernels import signed_row_sums
 from deepercluster.clustering.kmeans import VectorSource
 from deepercluster.clustering.vectors import ShardedVectors, members_by_shard, open_round_features, shard_rows
-from deepercluster.paths import means_rel  # noqa: F401  (re-exported)
+from deepercluster.paths import features_rel, means_rel
 from deepercluster.store import RunStore
 
 
@@ -42,7 +42,8 @@ def save_cluster_means(store: RunStore, r: int, s: int, ids: np.ndarray, labels:
     """Compute and save the means of super-cluster ``s`` (members ``ids``, sorted, with sub-cluster ``labels``);
     returns what goes into the unit's record: ``means_within`` (sum of squared distances) and ``means_rows``."""
     array = open_round_features(store, r)
-    source = ShardedVectors(array, members_by_shard(int(array.shape[0]), shard_rows(array), ids), threads=threads)
+    source = ShardedVectors(array, members_by_shard(int(array.shape[0]), shard_rows(array), ids), threads=threads,
+                            store=store, rel=features_rel(r))
     means, within = relu_cluster_means(source, labels, k)
     store.write_npy(means_rel(r, s), means)
     return {"means_within": within, "means_rows": int(len(ids))}

@@ -21,13 +21,14 @@ import pandas as pd
 
 from deepercluster.clustering.assign import resolve_backend
 from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd_on_sample
-from deepercluster.clustering.means import save_cluster_means
+from deepercluster.clustering.means import means_rel, save_cluster_means
 from deepercluster.clustering.memory import bound_heap, release
 from deepercluster.clustering.plots import size_histogram
 from deepercluster.clustering.vectors import (
     ShardedVectors,
     members_by_shard,
     open_round_features,
+    read_rows,
     shard_ranges,
     shard_rows,
 )
@@ -40,10 +41,11 @@ from deepercluster.clustering.whitening import (
     open_whitened,
     whiten_round,
     whitened_features,
+    whitened_rel,
 )
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import ConfigError, DataError
-from deepercluster.paths import assignments_rel  # noqa: F401  (re-exported)
+from deepercluster.paths import assignments_rel, features_rel, pca_rel
 from deepercluster.store import PARQUET_ROWS, RunStore
 
 __all__ = [
@@ -67,7 +69,7 @@ def load_round_features(store: RunStore, r: int) -> np.ndarray:
     array = open_round_features(store, r)
     out = np.empty(array.shape, dtype=np.float32)
     for s, (lo, hi) in enumerate(shard_ranges(int(array.shape[0]), shard_rows(array))):
-        out[lo:hi] = checked(array[lo:hi], store, r, s, lo)
+        out[lo:hi] = checked(read_rows(store, array, features_rel(r), lo, hi), store, r, s, lo)
     return out
 
 
@@ -84,7 +86,8 @@ def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray |
     every row assigned. Returns the result and whether it streamed."""
     array = open_whitened(store, r)
     n = int(array.shape[0])
-    source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.runtime.stream_threads)
+    source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.runtime.stream_threads,
+                            store=store, rel=whitened_rel(r))
     streamed = not fits_in_memory(cfg, source.n, source.dim)
     data = source if streamed else ArrayVectors(source.gather())
     backend = resolve_backend(cfg.runtime.device)
@@ -124,7 +127,9 @@ def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> list[int]:
             info = {"inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
         store.write_parquet(clusters_rel(r, "super.parquet"), {"image_id": np.arange(n),
                                                               "super": super_ids.astype(np.int32)})
-        store.mark_done(STAGE, r, LEVEL1_UNIT, info)
+        outputs = [pca_rel(r)] + ([clusters_rel(r, "super_centroids.npy")] if m > 1 else []) + \
+            [clusters_rel(r, "super.parquet")]
+        store.mark_done(STAGE, r, LEVEL1_UNIT, info, outputs=outputs)
         release()
     done = set(store.done_units(STAGE, r))
     return [s for s in range(m) if super_unit(s) not in done]
@@ -140,19 +145,23 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
     ids = np.flatnonzero(supers == s)
     del supers
     release()
+    outputs = []
     if len(ids) == 0:
         info = {"members": 0, "k": 0, "inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
         sub, dist = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     else:
         res, streamed = cluster_rows(store, cfg, r, ids, cfg.cluster.k, _seed(cfg, r, 2, s))
         sub, dist = res.assign, res.distance
-        store.write_npy(clusters_rel(r, f"sub-{s:04d}_centroids.npy"), res.centroids)
+        outputs.append(clusters_rel(r, f"sub-{s:04d}_centroids.npy"))
+        store.write_npy(outputs[-1], res.centroids)
         info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
                 "streamed": streamed, "rechecked": res.rechecked}
         if cfg.train.head_init == "centroids":
             info.update(save_cluster_means(store, r, s, ids, sub, res.k, cfg.runtime.stream_threads))
-    store.write_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"), {"image_id": ids, "sub": sub, "distance": dist})
-    store.mark_done(STAGE, r, unit, info)
+            outputs.append(means_rel(r, s))
+    outputs.append(clusters_rel(r, f"sub-{s:04d}.parquet"))
+    store.write_parquet(outputs[-1], {"image_id": ids, "sub": sub, "distance": dist})
+    store.mark_done(STAGE, r, unit, info, outputs=outputs)
     release()
     return info
 
@@ -191,7 +200,8 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
     )
     store.write_bytes(clusters_rel(r, HISTOGRAM), size_histogram(sizes, f"round {r}: {m} x {k} targets"))
     store.write_json(clusters_rel(r, "stats.json"), stats)
-    store.mark_stage_done(STAGE, r, {"targets": m * k, "non_empty": stats["non_empty"]})
+    store.mark_stage_done(STAGE, r, {"targets": m * k, "non_empty": stats["non_empty"]},
+                          outputs=[assignments_rel(r), clusters_rel(r, "stats.json"), clusters_rel(r, HISTOGRAM)])
     return stats
 
 

@@ -2,7 +2,10 @@
 
 Each image shard is exactly one zarr shard (the write unit), so two writers never touch the same zarr shard;
 inner chunks (the read unit) are smaller. The group's metadata is consolidated once every shard is written, so a
-reader opens the finished array with one metadata read, from any fsspec store.
+reader opens the finished array with one metadata read, from any fsspec store. The fill value is NaN (arrays made
+before it: 0): a zarr shard that is missing reads as NaN rows, never as features, and every shard is written whole
+(``write_empty_chunks``), so a written shard's object always exists (what its completion record lists,
+:func:`shard_object_rel`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 from deepercluster.errors import StoreError
-from deepercluster.paths import FEATURES_ARRAY, features_group_rel, features_rel  # noqa: F401  (re-exported)
+from deepercluster.paths import FEATURES_ARRAY, features_group_rel, features_rel, zarr_shard_rel
 from deepercluster.store import RunStore
+
+__all__ = ["FEATURES_ARRAY", "create_features", "features_attrs", "features_group_rel", "features_rel",
+           "inner_chunk_rows", "open_features", "seal_features", "shard_object_rel"]
+FILL = float("nan")  # what a row of a missing zarr shard reads as
+
+
+def shard_object_rel(r: int, shard: int) -> str:
+    """The object of zarr shard ``shard`` of round ``r``'s features (image shard ``shard``'s rows)."""
+    return zarr_shard_rel(features_rel(r), shard)
 
 
 def _opts(store: RunStore) -> dict[str, Any] | None:
@@ -28,7 +40,7 @@ def inner_chunk_rows(shard_size: int) -> int:
 
 
 def create_features(store: RunStore, r: int, n: int, dim: int, shard_size: int, attrs: dict[str, Any]) -> zarr.Array:
-    """Create the group and its empty array (zeros), or check that the existing one has this layout."""
+    """Create the group and its empty array (NaN), or check that the existing one has this layout."""
     if store.exists(f"{features_rel(r)}/zarr.json"):
         array = open_features(store, r, mode="r+")
         if array.shape != (n, dim) or array.shards != (shard_size, dim) or array.dtype != "float16":
@@ -38,17 +50,19 @@ def create_features(store: RunStore, r: int, n: int, dim: int, shard_size: int, 
     group = zarr.open_group(store.url(features_group_rel(r)), mode="w", storage_options=_opts(store),
                             attributes={**attrs, "complete": False})
     return group.create_array(FEATURES_ARRAY, shape=(n, dim), chunks=(inner_chunk_rows(shard_size), dim),
-                              shards=(shard_size, dim), dtype="float16", fill_value=0, compressors=None,
+                              shards=(shard_size, dim), dtype="float16", fill_value=FILL, compressors=None,
                               dimension_names=("image", "feature"))
 
 
 def open_features(store: RunStore, r: int, mode: str = "r") -> zarr.Array:
-    """The feature array of round ``r`` (through the group's consolidated metadata when it has some)."""
+    """The feature array of round ``r`` (through the group's consolidated metadata when it has some); opened to
+    write, it writes every chunk, even one that holds only the fill value."""
     if not store.exists(f"{features_rel(r)}/zarr.json"):
         raise StoreError(f"{store.url(features_rel(r))} is missing: run the extract stage of round {r} first")
     if mode == "r":
         return zarr.open_group(store.url(features_group_rel(r)), mode="r", storage_options=_opts(store))[FEATURES_ARRAY]
-    return zarr.open_array(store.url(features_rel(r)), mode=mode, storage_options=_opts(store))
+    array = zarr.open_array(store.url(features_rel(r)), mode=mode, storage_options=_opts(store))
+    return array.with_config({"write_empty_chunks": True})
 
 
 def features_attrs(store: RunStore, r: int) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Unit of work: one image shard (shard ``s`` = manifest rows with ``shard == s``, contiguous image ids). A task
 streams a few consecutive shards (``extract.shards_per_task``) through the batched forward pass (decoding as
 :class:`~deepercluster.features.loader.BatchLoader` schedules it), and a writer thread writes each shard's rows in
-one assignment (one zarr shard) and only then its completion record, while the next shard is computed: a killed
-worker or flow loses only the shards in flight, and a rerun skips shards that have a record.
+one assignment (one zarr shard) and only then its completion record (with the zarr shard object's size and
+checksum), while the next shard is computed: a killed worker or flow loses only the shards in flight, and a rerun
+skips shards that have a record and whose zarr shard still has the recorded size.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from deepercluster.data.repack import packed_uris
 from deepercluster.data.shard import MANIFEST
 from deepercluster.device import cpu_compute, resolve_device
 from deepercluster.errors import DataError, StoreError
-from deepercluster.features.array import create_features, features_group_rel, open_features, seal_features
+from deepercluster.features.array import (
+    create_features,
+    features_group_rel,
+    open_features,
+    seal_features,
+    shard_object_rel,
+)
 from deepercluster.features.loader import BatchLoader, HostView
 from deepercluster.features.model import FeatureModel, ensure_round_model, feature_dim, load_round_model, model_rel
 from deepercluster.store import RunStore
@@ -44,9 +51,12 @@ def prepare_features(store: RunStore, cfg: PipelineConfig, r: int) -> None:
     create_features(store, r, n, feature_dim(store, cfg, r), cfg.data.shard_size, attrs)
 
 
-def shards_todo(store: RunStore, r: int) -> list[int]:
-    """The image shards of the run whose features are not recorded yet."""
+def shards_todo(store: RunStore, r: int, check_sizes: bool = True) -> list[int]:
+    """The image shards of the run whose features are not recorded yet; with ``check_sizes``, also those recorded
+    whose zarr shard is missing or not of the recorded size now (their records are dropped, one log line each)."""
     done = set(store.done_units(STAGE, r))
+    if check_sizes and done:
+        done -= set(store.redo_bad_units(STAGE, r, sorted(done)))
     n_shards = store.done_record("shard", None, "_stage")["shards"]
     return [s for s in range(n_shards) if unit_name(s) not in done]
 
@@ -147,7 +157,8 @@ def _stream(store: RunStore, cfg: PipelineConfig, r: int, model: FeatureModel, s
         lo, hi, _ = spans[k]
         array[lo:hi] = buffers[k]  # the whole zarr shard in one assignment
         store.mark_done(STAGE, r, unit_name(shards[k]), {"rows": [lo, hi], "device": str(model.device),
-                                                         "seconds": round(time.perf_counter() - start, 3)})
+                                                         "seconds": round(time.perf_counter() - start, 3)},
+                        outputs=[shard_object_rel(r, shards[k])])
         buffers[k] = None
 
     with ThreadPoolExecutor(1, thread_name_prefix="zarr-write") as writer:
@@ -172,7 +183,7 @@ def shard_groups(shards: Sequence[int], per_task: int) -> list[list[int]]:
 
 def finalize_extract(store: RunStore, r: int) -> dict[str, int]:
     """Check every shard is recorded, consolidate the array's metadata, then mark the stage done."""
-    missing = shards_todo(store, r)
+    missing = shards_todo(store, r, check_sizes=False)  # the shards step has just checked them
     if missing:
         raise StoreError(f"extract round {r}: shards {missing[:5]} are not done; rerun the extract stage")
     shape = open_features(store, r, mode="r+").shape

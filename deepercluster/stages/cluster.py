@@ -1,6 +1,8 @@
 """The cluster stage: features -> PCA-whitening -> level-1 k-means (m super-clusters) -> level-2 k-means per
 super-cluster -> ``assignments.parquet``. Steps: whitening and level 1 (one unit); one unit per super-cluster
-(GPU=1 each); merging the units into the assignments and the statistics (one unit)."""
+(GPU=1 each); merging the units into the assignments and the statistics (one unit). Resuming re-checks the
+sizes of the done units' recorded outputs (one listing): a unit whose file is missing or resized is redone, and a
+whitened shard's loss redoes level 1 (which whitens the missing shards)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,20 @@ from deepercluster.store import RunStore
 
 
 def _level1_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.is_done(lib.STAGE, r, lib.LEVEL1_UNIT) else [lib.LEVEL1_UNIT]
+    done = store.done_units(lib.STAGE, r)
+    if lib.LEVEL1_UNIT in done:
+        checked = [u for u in done if u == lib.LEVEL1_UNIT or u.startswith("whiten-")]
+        if store.redo_bad_units(lib.STAGE, r, checked):
+            store.forget(lib.STAGE, r, lib.LEVEL1_UNIT)  # level 1 whitens what is missing, then clusters again
+        else:
+            return []
+    return [lib.LEVEL1_UNIT]
 
 
 def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
     done = set(store.done_units(lib.STAGE, r))
+    supers = [u for u in done if u.startswith("super-")]
+    done -= set(store.redo_bad_units(lib.STAGE, r, supers))
     return [s for s in range(cfg.cluster.super_clusters) if lib.super_unit(s) not in done]
 
 
