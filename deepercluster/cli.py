@@ -31,13 +31,14 @@ def _fail(err: Exception) -> None:
 
 def _prefect_env(verbose: bool = False) -> None:
     """Prefect's settings for a command, set before Prefect is imported. Unless ``verbose``, Prefect's console
-    handler shows warnings only (in this process and the Dask workers it starts): its INFO lines still reach the
-    Prefect server and the run's log file (:func:`_log_to_run`)."""
+    handler shows nothing below CRITICAL (in this process and the Dask workers it starts): its lines still reach the
+    Prefect server and the run's log file (:func:`_log_to_run`), as do warnings and the tracebacks of failed
+    tasks: a user error reaches the console as one line."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 
 
 def _log_to_run(store: RunStore) -> str | None:
@@ -93,13 +94,15 @@ def run(
     """Run, resume or extend the pipeline: shard, then extract -> cluster -> train -> evaluate per round. On an
     existing run, a changed config recomputes exactly the stages whose fingerprinted fields changed."""
     from deepercluster.lease import acquire_lease
-    from deepercluster.run import default_run_dir, init_run, run_identity
+    from deepercluster.run import CONFIG_FILE, default_run_dir, init_run, preflight, run_identity
     from deepercluster.stages import run_plan
 
     try:
         cfg = resolve_config(config, method, sets or [], rounds, run_dir)
         export_storage_options(cfg.runtime.storage_options)  # for this process and the workers it starts
         store = RunStore(run_dir or default_run_dir(cfg))
+        if not store.exists(CONFIG_FILE):
+            preflight(cfg)  # before the run's folder exists: a wrong source leaves nothing behind
         lease = acquire_lease(store, "deepercluster run")
     except DeeperClusterError as err:
         _fail(err)
@@ -454,6 +457,45 @@ def pd_numeric(series: object) -> bool:
     from pandas.api.types import is_numeric_dtype
 
     return bool(is_numeric_dtype(series))
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[str, typer.Argument(help="run store (path or URL)")],
+    round_: Annotated[int | None, typer.Option("--round", min=0, help="only this round's stages")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="recompute the bad units (only them), then verify "
+                                                          "again")] = False,
+) -> None:
+    """Check every completed unit's files against its completion record (size and SHA-256): one line per bad unit
+    naming the file, the unit and the command that recomputes it, and exit 1; else a one-line summary."""
+    from deepercluster.run import open_run
+    from deepercluster.verify import repair_run, verify_run
+
+    summary: dict[str, int] = {}
+    try:
+        store, cfg = open_run(run_dir)
+        problems = verify_run(store, round_, summary)
+        if problems and repair:
+            from deepercluster.lease import acquire_lease
+
+            lease = acquire_lease(store, "deepercluster verify --repair")
+            try:
+                for line in repair_run(store, cfg, problems):
+                    console.print(line, highlight=False, soft_wrap=True)
+            finally:
+                lease.release()
+            problems = verify_run(store, round_, summary)
+    except DeeperClusterError as err:
+        _fail(err)
+    for problem in problems:
+        console.print(problem.line(store), highlight=False, soft_wrap=True, markup=False)
+    checked = f"{summary['units']} units, {summary['files']} files ({summary['bytes'] / 2**20:.1f} MiB)"
+    if problems:
+        console.print(f"{len(problems)} bad units of {checked}", highlight=False)
+        raise typer.Exit(1)
+    unlisted = f"; {summary['unlisted']} unit records list no files (training's, or older than file lists)" \
+        if summary["unlisted"] else ""
+    console.print(f"verified {checked}: all match their records{unlisted}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover

@@ -55,6 +55,14 @@ def init_run(store: RunStore, cfg: PipelineConfig) -> list[str]:
     return changes
 
 
+def preflight(cfg: PipelineConfig) -> None:
+    """The checks a new run can make before anything is written (the config's own are made when it is built):
+    what kind of source ``data.source`` is (a plain image file is none)."""
+    from deepercluster.data.sources import source_kind
+
+    source_kind(cfg.data)
+
+
 def open_run(run_uri: str) -> tuple[RunStore, PipelineConfig]:
     """The store and the config of an existing run: what every stage starts from."""
     store = RunStore(run_uri)
