@@ -93,6 +93,7 @@ def run(
 ) -> None:
     """Run, resume or extend the pipeline: shard, then extract -> cluster -> train -> evaluate per round. On an
     existing run, a changed config recomputes exactly the stages whose fingerprinted fields changed."""
+    from deepercluster.data.shard import source_change
     from deepercluster.lease import acquire_lease
     from deepercluster.run import CONFIG_FILE, default_run_dir, init_run, preflight, run_identity
     from deepercluster.stages import run_plan
@@ -112,6 +113,9 @@ def run(
                       f"rounds={cfg.rounds}", highlight=False, soft_wrap=True)
         for change in changes:
             console.print(f"config changed: {change}", highlight=False)
+        note = source_change(store, cfg.data)
+        if note:
+            console.print(f"note: {note.replace('RUN', store.uri)}", highlight=False, soft_wrap=True)
         if cfg.method != "clusterfit":
             for state in run_plan(store, cfg):
                 if state.status == "stale":
@@ -258,6 +262,11 @@ def inspect(
     from deepercluster.lease import read_lease
 
     console.print(f"run [bold]{store.uri}[/]  method={cfg.method}  rounds={cfg.rounds}", highlight=False)
+    from deepercluster.data.shard import source_change
+
+    note = source_change(store, cfg.data) if cfg.data.source else None
+    if note:
+        console.print(f"note: {note.replace('RUN', store.uri)}", highlight=False, soft_wrap=True)
     owner = read_lease(store)
     if owner:
         console.print(f"in use by {owner['what']} (host {owner['host']}, pid {owner['pid']})", highlight=False)

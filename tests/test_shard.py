@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from PIL import Image
 
 from deepercluster.config import build_config
@@ -80,3 +81,22 @@ def test_bundled_digits_are_written_once_as_pngs(tmp_path: Path):
     assert Image.open(files[0]).size == (8, 8)
     stamp = (folder / "_complete").stat().st_mtime
     assert digits_folder() == folder and (folder / "_complete").stat().st_mtime == stamp
+
+
+def test_a_source_changed_after_the_shard_stage_is_said_in_one_line(tmp_path: Path, digits_dir: Path):
+    import shutil
+
+    from deepercluster.data.shard import source_change
+    from deepercluster.stages import run_stage
+
+    source = tmp_path / "images"
+    shutil.copytree(digits_dir, source)
+    cfg = build_config(tiny_overrides(source))
+    store = RunStore(tmp_path / "run")
+    run_stage(store, cfg, "shard")
+    assert source_change(store, cfg.data) is None
+    shutil.copy(next((source / "3").glob("*.png")), source / "3" / "new-0001.png")  # one more image in a class
+    note = source_change(store, cfg.data)
+    assert note and "\n" not in note and "changed since the shard stage listed it (240 entries then)" in note
+    assert "deepercluster stage shard --run RUN --force" in note
+    assert run_stage(store, cfg, "shard")["images"] == 240  # the run keeps its snapshot

@@ -85,8 +85,49 @@ def list_source(store: RunStore, cfg: DataConfig) -> list[str]:
             parts += 1
         if n == 0:
             raise ConfigError(f"data source {cfg.source!r} lists no image")
-        store.write_json(LISTING_DONE, {"kind": kind, "rows": n, "parts": parts, "part_size": cfg.part_size})
+        store.write_json(LISTING_DONE, {"kind": kind, "rows": n, "parts": parts, "part_size": cfg.part_size,
+                                        "signature": source_signature(cfg)})
     return [part_name(i) for i in range(store.read_json(LISTING_DONE)["parts"])]
+
+
+def source_signature(cfg: DataConfig) -> dict | None:
+    """A cheap signature of the source, to notice it changed after the listing: a file's size and modification
+    time; a local folder's and its immediate sub-folders' modification times and entry counts (what adding or
+    removing an image in a class folder changes). None where it is not cheap (remote folders)."""
+    import os
+
+    from deepercluster.data.digits import resolve_source
+
+    source = resolve_source(cfg.source)
+    if "://" in source or "{" in source or not os.path.exists(source):
+        return None
+    if os.path.isfile(source):
+        st = os.stat(source)
+        return {"size": st.st_size, "mtime": st.st_mtime}
+    folders = [source] + sorted(e.path for e in os.scandir(source) if e.is_dir(follow_symlinks=False))
+    out = {}
+    for folder in folders:
+        try:
+            out[os.path.relpath(folder, source)] = [os.stat(folder).st_mtime, len(os.listdir(folder))]
+        except OSError:
+            continue
+    return out
+
+
+def source_change(store: RunStore, cfg: DataConfig) -> str | None:
+    """One line when the source no longer looks as it did when the shard stage listed it (None otherwise): the
+    manifest is a snapshot, so new or removed images are not in the run until the shard stage runs again."""
+    if not store.exists(LISTING_DONE):
+        return None
+    then = store.read_json(LISTING_DONE).get("signature")
+    if then is None:
+        return None
+    now = source_signature(cfg)
+    if now == then:
+        return None
+    return (f"the source {cfg.source} changed since the shard stage listed it ({store.read_json(LISTING_DONE)['rows']}"
+            " entries then): this run keeps that snapshot; `deepercluster stage shard --run RUN --force` takes the "
+            "new files in (and makes every later stage stale)")
 
 
 # ---- 2. scanning --------------------------------------------------------------------------------------------------
@@ -109,7 +150,7 @@ def scan_part(store: RunStore, cfg: DataConfig, part: str) -> dict[str, int]:
     write_table(store, f"{PARTS}/{part}.parquet", table)
     kept = sum(r is None for r in rejects)
     counts = {"kept": kept, "rejected": len(rejects) - kept}
-    store.mark_done(STAGE, None, part, {"counts": counts})
+    store.mark_done(STAGE, None, part, {"counts": counts}, outputs=[f"{PARTS}/{part}.parquet"])
     return counts
 
 
@@ -156,7 +197,7 @@ def finalize_manifest(store: RunStore, cfg: DataConfig) -> dict:
     info = store.done_record(STAGE, None, MANIFEST_UNIT)
     if info is None:
         info = _write_manifest(store, cfg)
-        store.mark_done(STAGE, None, MANIFEST_UNIT, info)
+        store.mark_done(STAGE, None, MANIFEST_UNIT, info, outputs=[MANIFEST, REJECTS])
     info = {k: info[k] for k in ("images", "rejects", "shards", "classes", "reasons")}
     if not cfg.repack:
         store.mark_stage_done(STAGE, None, info)
