@@ -73,7 +73,11 @@ def load_run_config(store: RunStore) -> PipelineConfig:
     """The run's saved config (the data source and checkpoints it names are not looked at)."""
     if not store.exists(CONFIG_FILE):
         raise StoreError(f"{store.uri} is not a run (no {CONFIG_FILE}): start it with `deepercluster run`")
-    return config_from_yaml_text(store.read_text(CONFIG_FILE), where=store.url(CONFIG_FILE))
+    from deepercluster.data.images import use_limits
+
+    cfg = config_from_yaml_text(store.read_text(CONFIG_FILE), where=store.url(CONFIG_FILE))
+    use_limits(cfg.data.max_side, cfg.data.max_aspect)  # what this process's image decoding accepts
+    return cfg
 
 
 def _show(value: object) -> str:

@@ -243,7 +243,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode(data: bytes, max_side: int = MAX_SIDE, max_aspect: float = MAX_ASPECT,
+_LIMITS: dict[str, float | int | None] = {}  # this process's run's data.max_side / max_aspect (see use_limits)
+
+
+def use_limits(max_side: int, max_aspect: float) -> None:
+    """Make ``max_side`` and ``max_aspect`` (a run's ``data`` section) what :func:`decode` checks in this process
+    when it is not told otherwise: opening a run's config does it, in the flow, on every Dask worker and in every
+    torchrun rank, so the images the shard stage kept under the run's limits always decode."""
+    _LIMITS.update(max_side=max_side, max_aspect=max_aspect)
+
+
+def decode(data: bytes, max_side: int | None = None, max_aspect: float | None = None,
            max_pixels: int | None = None) -> Image.Image:
     """The image in ``data`` upright in 8-bit RGB (what extraction, training and galleries read).
 
@@ -254,6 +264,8 @@ def decode(data: bytes, max_side: int = MAX_SIDE, max_aspect: float = MAX_ASPECT
     ``data.max_pixels x 4``, 358 MB at its default, since the shard stage rejects larger images) plus one converted
     copy of that size. Nothing downstream can blow it up: a resize of the short side to ``s`` pixels makes at most
     ``s x s x max_aspect`` pixels (a 1 x 3,000,000 line would otherwise need a 15 GiB intermediate)."""
+    max_side = int(max_side or _LIMITS.get("max_side") or MAX_SIDE)
+    max_aspect = float(max_aspect or _LIMITS.get("max_aspect") or MAX_ASPECT)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = Image.open(io.BytesIO(data))
