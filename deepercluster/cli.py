@@ -235,7 +235,9 @@ def stage(
     finally:
         lease.release()
     summary = {k: v for k, v in result.items() if isinstance(v, int | float | str) and k not in ("unit", "pid", "id")}
-    console.print(f"{name} done: {summary}")
+    console.print(f"{name} done: {summary}", highlight=False, soft_wrap=True)
+    for reason, count in (result.get("reasons") or {}).items():  # the shard stage: its rejects per reason
+        console.print(f"  rejected, {reason}: {count}", highlight=False, soft_wrap=True)
 
 
 @app.command()
