@@ -68,6 +68,15 @@ class Step:
     retry_user_errors: bool = False  # retry even a DeeperClusterError (training: a retry resumes a checkpoint)
 
 
+def until_done(stage: str, unit: str = "finalize") -> Callable[[RunStore, PipelineConfig, Round], list[str]]:
+    """The ``todo`` of a stage's last step: its one unit (which records the stage done) until the stage is done."""
+
+    def todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+        return [] if store.stage_done(stage, r) else [unit]
+
+    return todo
+
+
 @dataclass
 class Stage:
     """A stage of the pipeline. Subclasses set the class attributes and implement :meth:`steps`, :meth:`inputs`,

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from deepercluster.clustering import stage as lib
 from deepercluster.config import PipelineConfig
-from deepercluster.stages.base import Reporter, Round, Stage, Step, register
+from deepercluster.stages.base import Reporter, Round, Stage, Step, register, until_done
 from deepercluster.store import RunStore
 
 
@@ -33,10 +33,6 @@ def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
     return [s for s in range(cfg.cluster.super_clusters) if lib.super_unit(s) not in done]
 
 
-def _finalize_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.stage_done(lib.STAGE, r) else ["finalize"]
-
-
 def _level1(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Reporter) -> int:
     return len(lib.prepare_cluster(store, cfg, r))
 
@@ -56,7 +52,7 @@ class ClusterStage(Stage):
             Step(lib.LEVEL1_UNIT, _level1_todo, _level1, gpu=True),
             Step("supers", _supers_todo, lambda store, cfg, r, s, rep: lib.cluster_super(store, cfg, r, s),
                  label=lib.super_unit, gpu=True, retries=1),
-            Step("finalize", _finalize_todo, lambda store, cfg, r, u, rep: lib.finalize_cluster(store, cfg, r)),
+            Step("finalize", until_done(lib.STAGE), lambda store, cfg, r, u, rep: lib.finalize_cluster(store, cfg, r)),
         ]
 
     def discard(self, store: RunStore, cfg: PipelineConfig, r: Round) -> None:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from deepercluster.config import PipelineConfig
 from deepercluster.evaluation import stage as lib
-from deepercluster.stages.base import Round, Stage, Step, register
+from deepercluster.stages.base import Round, Stage, Step, register, until_done
 from deepercluster.stages.extract import final_round
 from deepercluster.store import RunStore
 
@@ -28,10 +28,6 @@ def _tensorboard(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, repo
     counts = write_round(store, cfg, r)
     store.mark_done(lib.STAGE, r, "tensorboard", counts)
     return counts
-
-
-def _finish_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.stage_done(lib.STAGE, r) else ["finish"]
 
 
 @dataclass
@@ -62,7 +58,7 @@ class EvaluateStage(Stage):
         return [
             Step("evaluate", _todo, lambda store, cfg, r, u, rep: lib.evaluate_round(store, cfg, r, mark_done=False)),
             Step("tensorboard", _tensorboard_todo, _tensorboard),
-            Step("finish", _finish_todo,
+            Step("finish", until_done(lib.STAGE, "finish"),
                  lambda store, cfg, r, u, rep: lib.mark_evaluated(store, r, store.read_json(lib.metrics_rel(r)))),
         ]
 

@@ -12,7 +12,7 @@ from deepercluster import features as lib
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import ConfigError
 from deepercluster.features.array import features_rel
-from deepercluster.stages.base import Reporter, Round, Stage, Step, register
+from deepercluster.stages.base import Reporter, Round, Stage, Step, register, until_done
 from deepercluster.store import RunStore
 
 # how the images are read and what the forward pass computes; batch_size and autocast change its rounding
@@ -32,10 +32,6 @@ def _groups_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[tuple[i
 
 def _group_label(group: Any) -> str:
     return f"shards-{group[0]:05d}" + (f"-{group[-1]:05d}" if len(group) > 1 else "")
-
-
-def _finalize_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.stage_done(lib.STAGE, r) else ["finalize"]
 
 
 def final_round(cfg: PipelineConfig, r: Round) -> bool:
@@ -63,7 +59,7 @@ class ExtractStage(Stage):
         return [
             Step("model", _model_todo, lambda store, cfg, r, u, rep: lib.prepare_features(store, cfg, r)),
             Step("shards", _groups_todo, self._extract, label=_group_label, gpu=True, retries=2),
-            Step("finalize", _finalize_todo, lambda store, cfg, r, u, rep: lib.finalize_extract(store, r)),
+            Step("finalize", until_done(lib.STAGE), lambda store, cfg, r, u, rep: lib.finalize_extract(store, r)),
         ]
 
     @staticmethod

@@ -11,7 +11,7 @@ from deepercluster.config import PipelineConfig
 from deepercluster.data import shard as lib
 from deepercluster.data.repack import repack_shard
 from deepercluster.data.repack import unit_name as repack_unit
-from deepercluster.stages.base import Reporter, Round, Stage, Step, register
+from deepercluster.stages.base import Reporter, Round, Stage, Step, register, until_done
 from deepercluster.store import RunStore
 
 
@@ -35,10 +35,6 @@ def _repack_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
     return [s for s in range(shards) if not store.is_done(lib.STAGE, None, repack_unit(s))]
 
 
-def _finish_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.stage_done(lib.STAGE, None) else ["finish"]
-
-
 @dataclass
 class ShardStage(Stage):
     name: ClassVar[str] = "shard"
@@ -57,7 +53,7 @@ class ShardStage(Stage):
             Step("manifest", _manifest_todo, lambda store, cfg, r, u, rep: lib.finalize_manifest(store, cfg.data)),
             Step("repack", _repack_todo, lambda store, cfg, r, u, rep: repack_shard(store, cfg.data, u),
                  label=repack_unit, retries=2),
-            Step("finish", _finish_todo, self._finish),
+            Step("finish", until_done(lib.STAGE, "finish"), self._finish),
         ]
 
     @staticmethod
