@@ -65,7 +65,7 @@ PARQUET_ROWS = 1 << 18  # rows per parquet row group written (a part of 8 int64 
 CHECKSUM = "sha256"  # hashlib's (OpenSSL, SHA-NI): ~1.7 GB/s on one core of the CI machine
 HASH_BLOCK = 1 << 22  # bytes read at a time while hashing
 # what libraries raise on a truncated or corrupt file (ArrowInvalid is a ValueError; torch: RuntimeError)
-READ_ERRORS = (ValueError, OSError, EOFError, RuntimeError, IndexError, KeyError, pickle.UnpicklingError,
+READ_ERRORS = (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError,
                zipfile.BadZipFile)
 
 
@@ -375,31 +375,44 @@ class RunStore:
         by_path = {self.fs._strip_protocol(p): info.get("size") for p, info in found.items()}
         return {rel: by_path.get(self.fs._strip_protocol(self.path(rel))) for rel in rels}
 
-    def bad_outputs(self, stage: str, r: int | None, units: Iterable[str]) -> dict[str, str]:
-        """Done units among ``units`` whose recorded outputs are missing or of another size now, with why (the
-        cheap check of a resume: the records and one listing, no file read). Records without ``outputs`` pass."""
+    def bad_outputs(self, stage: str, r: int | None, units: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+        """Done units among ``units`` whose recorded outputs are missing or of another size now: unit -> [(file,
+        why)] (the cheap check of a resume: the records and one listing, no file read). Records without
+        ``outputs`` pass."""
         records = self.done_records(stage, r, units)
         listed = {rel: (u, out["size"]) for u, rec in records.items() for rel, out in rec.get("outputs", {}).items()}
-        bad: dict[str, str] = {}
+        bad: dict[str, list[tuple[str, str]]] = {}
         for rel, size in self.sizes(listed).items():
             unit, expected = listed[rel]
-            if size != expected and unit not in bad:
-                bad[unit] = f"{self.url(rel)} is missing" if size is None else \
-                    f"{self.url(rel)} has {size} bytes, its record {expected}"
+            if size != expected:
+                why = "is missing" if size is None else f"has {size} bytes, its record {expected}"
+                bad.setdefault(unit, []).append((rel, why))
         return bad
 
     def redo_bad_units(self, stage: str, r: int | None, units: Iterable[str]) -> list[str]:
         """For a stage's ``todo``: forget the done units among ``units`` whose outputs are missing or resized (one
-        log line each), so that they are recomputed; returns them."""
+        log line each) and remove those files (a zarr shard is rewritten only over a readable one), so that they
+        are recomputed; returns them."""
         bad = self.bad_outputs(stage, r, units)
-        for unit, why in sorted(bad.items()):
-            log.warning("%s: %s: recomputing it", unit_label(stage, r, unit), why)
+        for unit, files in sorted(bad.items()):
+            rel, why = files[0]
+            more = f" (and {len(files) - 1} more of its files)" if len(files) > 1 else ""
+            log.warning("%s: %s %s%s: recomputing it", unit_label(stage, r, unit), self.url(rel), why, more)
+            for rel, _ in files:
+                self.remove(rel)
             self.forget(stage, r, unit)
         return sorted(bad)
 
     def forget(self, stage: str, r: int | None, unit: str) -> None:
         """Remove one unit's completion record: the stage will recompute that unit."""
         self.remove(self._record(stage, r, unit))
+
+    def keep_identity(self, stage: str, r: int | None, unit: str, ident: str) -> None:
+        """Give a rewritten record the ``id`` of the one it replaces (its outputs are the same bytes): the stages
+        whose fingerprints name that id stay valid."""
+        record = self.done_record(stage, r, unit)
+        if record is not None and record.get("id") != ident:
+            self.write_json(self._record(stage, r, unit), {**record, "id": ident})
 
     def done_units(self, stage: str, r: int | None) -> list[str]:
         """Units of ``stage`` that have a completion record (the stage record excluded)."""

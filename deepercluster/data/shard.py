@@ -275,7 +275,7 @@ def load_manifest(store: RunStore, columns: list[str] | None = None) -> pd.DataF
 
 def load_manifest_shard(store: RunStore, shard: int, columns: list[str] | None = None) -> pd.DataFrame:
     """The rows of one image shard, reading only the row group that holds it (shards never straddle two)."""
-    with store.fs.open(store.path(MANIFEST), "rb") as f:
+    with store.fs.open(store.path(MANIFEST), "rb") as f, store.reading(MANIFEST):
         pf = pq.ParquetFile(f)
         col = pf.schema_arrow.get_field_index("shard")
         for g in range(pf.num_row_groups):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from deepercluster.clustering.stage import assignments_rel, clusters_rel, load_assignments, whitened_features
+from deepercluster.clustering.vectors import read_finite
 from deepercluster.config import PipelineConfig
 from deepercluster.data.shard import load_manifest
 from deepercluster.device import resolve_device
@@ -26,7 +27,7 @@ from deepercluster.evaluation.metrics import ari, kmeans_agreement, nmi
 from deepercluster.evaluation.probes import knn_accuracy, linear_probe
 from deepercluster.evaluation.splits import probe_splits
 from deepercluster.features import features_rel, open_features
-from deepercluster.paths import HISTORY, metrics_rel  # noqa: F401  (re-exported)
+from deepercluster.paths import HISTORY, metrics_rel
 from deepercluster.store import RunStore, round_dir
 
 STAGE = "evaluate"
@@ -65,8 +66,13 @@ def cluster_metrics(store: RunStore, r: int, labels: pd.Series) -> dict:
 
 def probe_features(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray, uris: list[str]) -> np.ndarray:
     """Features of images ``ids`` that the probes read: rows of ``features.zarr``, or the ``eval.layer`` module."""
-    if cfg.eval.layer is None:
-        return np.asarray(open_features(store, r).oindex[ids, :], dtype=np.float32)
+    if cfg.eval.layer is None:  # checked: a missing or unreadable feature shard is one line naming its unit
+        order = np.argsort(ids, kind="stable")
+        x = read_finite(store, open_features(store, r), features_rel(r), np.asarray(ids)[order],
+                        f"the features of round {r}")
+        out = np.empty_like(x)
+        out[order] = x
+        return out
     return layer_features(store, cfg, r, cfg.eval.layer, uris)
 
 
@@ -128,7 +134,8 @@ def evaluate_round(store: RunStore, cfg: PipelineConfig, r: int, mark_done: bool
 
 
 def mark_evaluated(store: RunStore, r: int, metrics: dict) -> None:
-    store.mark_stage_done(STAGE, r, {k: metrics.get(k) for k in ("nmi_labels", "probe_acc", "knn_acc")})
+    store.mark_stage_done(STAGE, r, {k: metrics.get(k) for k in ("nmi_labels", "probe_acc", "knn_acc")},
+                          outputs=[metrics_rel(r)])
 
 
 def append_history(store: RunStore, row: dict) -> pd.DataFrame:

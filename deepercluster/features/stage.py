@@ -71,8 +71,9 @@ def discard_extract(store: RunStore, r: int) -> None:
 def shard_rows(store: RunStore, shard: int) -> tuple[int, int, list[str]]:
     """First row, end row and image URIs of one shard (reads only the manifest row groups that hold it); the URIs
     are members of the shard's packed tar when there is one."""
-    rows = pd.read_parquet(store.url(MANIFEST), columns=["image_id", "uri"], filters=[("shard", "==", shard)],
-                           storage_options=store.storage_options or None)
+    with store.reading(MANIFEST):
+        rows = pd.read_parquet(store.url(MANIFEST), columns=["image_id", "uri"], filters=[("shard", "==", shard)],
+                               storage_options=store.storage_options or None)
     if rows.empty:
         raise StoreError(f"shard {shard} is not in {store.url(MANIFEST)}")
     ids = rows["image_id"].to_numpy()
