@@ -390,3 +390,43 @@ def test_a_link_member_of_a_webdataset_tar_is_a_reject(tmp_path: Path):
     rejects = store.read_parquet("data/rejects.parquet")
     assert info["images"] == 2 and rejects["reason"].tolist() == ["not a regular file"]
     assert rejects["uri"][0] == f"{tmp_path / 'shard-0.tar'}#002.jpg"
+
+
+_PEAK_CODE = """
+import json, sys
+from deepercluster.config import build_config
+from deepercluster.stages import run_stage
+from deepercluster.store import RunStore
+store, cfg = RunStore(sys.argv[1]), build_config(json.loads(sys.argv[2]))
+info = run_stage(store, cfg, "shard")
+run_stage(store, cfg, "extract", 0)
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"rejects": info["reasons"], "peak_kib": peak}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc for the peak RSS")
+def test_an_extreme_aspect_png_is_a_reject_and_costs_no_memory(tmp_path: Path, digits_dir: Path):
+    """The shard and extract stages of 240 digits, with and without a 1 x 3,000,000 PNG (5.9 KB; its resize alone
+    would need 15 GiB): it is a reject, and the peak RSS of the process stays within 10% of the run without it."""
+    plain, extreme = tmp_path / "plain", tmp_path / "extreme"
+    shutil.copytree(digits_dir, plain)
+    shutil.copytree(digits_dir, extreme)
+    Image.new("L", (3_000_000, 1), 255).save(extreme / "line.png")
+    assert (extreme / "line.png").stat().st_size < 20_000
+    peaks = {}
+    for folder in (plain, extreme):
+        overrides = {"data": {"source": str(folder), "shard_size": 40, "image_size": 16, "max_pixels": 10**8},
+                     "model": {"arch": "smallnet", "feature_dim": 32}, "extract": {"batch_size": 32},
+                     "cluster": {"super_clusters": 1, "k": 5}}
+        done = subprocess.run([sys.executable, "-c", _PEAK_CODE, str(tmp_path / f"run-{folder.name}"),
+                               json.dumps(overrides)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        peaks[folder.name] = out["peak_kib"]
+        if folder is extreme:
+            assert out["rejects"] == {"too large side": 1}
+    print(f"peak RSS: {peaks['plain'] / 1024:.0f} MiB without the line, {peaks['extreme'] / 1024:.0f} MiB with it")
+    assert peaks["extreme"] <= 1.10 * peaks["plain"], peaks
