@@ -217,3 +217,22 @@ def test_inspect_features_prints_statistics_and_draws_neighbours(tmp_path: Path,
 
     missing = CliRunner().invoke(app, ["inspect", str(store.uri), "--features", "--image", "200"])
     assert missing.exit_code == 2 and "image 200 has no features yet" in missing.output
+
+
+def test_an_init_checkpoint_with_code_or_truncated_is_a_one_line_error(tmp_path: Path):
+    import os
+
+    from deepercluster.features.model import load_weights
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+
+    torch.save({"body": Evil()}, tmp_path / "evil.pt")
+    torch.save({"body": {"w": torch.zeros(3)}}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
+    assert torch.equal(load_weights(str(tmp_path / "ok.pt"), "model.init_checkpoint")["body"]["w"], torch.zeros(3))
+    for name in ("evil.pt", "cut.pt"):
+        with pytest.raises(ConfigError, match="model.init_checkpoint .* is not a weights-only checkpoint") as err:
+            load_weights(str(tmp_path / name), "model.init_checkpoint")
+        assert "\n" not in str(err.value)

@@ -58,7 +58,11 @@ def checked(block: np.ndarray, store: RunStore, r: int, shard: int, lo: int) -> 
         raise_if_missing(store, features_rel(r), [shard])
         bad = (lo + np.flatnonzero(~finite)[:5]).tolist()
         raise DataError(f"feature shard {shard} of round {r} holds non-finite values (rows {bad}) in "
-                        f"{store.url(round_dir(r) + '/features.zarr')}: re-extract it (extract --force)")
+                        f"{store.url(round_dir(r) + '/features.zarr')}: "
+                        + ("the random init's features are not finite: check model.init_checkpoint and the images"
+                           if r == 0 else f"the model round {r - 1}'s training made diverged (see its loss in "
+                           f"rounds/{r - 1}/train/log.jsonl): retrain it with a lower train.lr, e.g. `deepercluster "
+                           f"run --run RUN --set train.lr=...` (re-extracting gives the same values)"))
     return x
 
 

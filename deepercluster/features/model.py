@@ -26,6 +26,21 @@ from deepercluster.store import RunStore, round_dir
 OUTPUT_LAYER = "output"
 
 
+def load_weights(path: str, what: str) -> dict:
+    """The tensors of a checkpoint file, loaded without running any code from it; a file that is not one (a pickle
+    with code in it, a truncated file, something else) is a one-line error naming ``what``."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ConfigError(f"{what} {path!r} is not a weights-only checkpoint (a state dict of tensors, loadable "
+                          f"without running code from the file): {type(err).__name__}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{what} {path!r} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 def _made_from(cfg: PipelineConfig) -> str:
     """What round 0's model is made of: the model section and the seed."""
     blob = json.dumps({"model": cfg.model.model_dump(mode="json"), "seed": cfg.seed}, sort_keys=True)
@@ -45,7 +60,7 @@ def ensure_round_model(store: RunStore, cfg: PipelineConfig, r: int) -> str:
     if r > 0:
         raise StoreError(f"{store.url(rel)} is missing: run the train stage of round {r - 1} first")
     if cfg.model.init_checkpoint:
-        state = torch.load(cfg.model.init_checkpoint, map_location="cpu", weights_only=True)
+        state = load_weights(cfg.model.init_checkpoint, "model.init_checkpoint")
         body = load_body(cfg.model, state.get("body", state))
     else:
         body = build_body(cfg.model, seed=cfg.seed)
