@@ -63,7 +63,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, digits_dir: Path)
     done = subprocess.run([CLI, "run", "--config", str(config), "--run", str(reference)], capture_output=True,
                           text=True, env=_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "NMI labels" in done.stdout and "per-round metrics" in done.stdout
+    assert "kmNMI" in done.stdout and "per-round metrics" in done.stdout
 
     run = tmp_path / "killed"
     store = RunStore(run)

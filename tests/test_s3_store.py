@@ -133,7 +133,7 @@ def test_pipeline_on_s3_is_killed_and_resumes(tmp_path: Path, digits_dir: Path, 
 
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "NMI labels" in resumed.stdout
+    assert "kmNMI" in resumed.stdout
     final = _records(store, stages)
     assert [k for k, v in kept.items() if final[k] != v] == [], "units finished before the kill were redone"
     assert all(store.stage_done(s, r) for s, r in stages.items())

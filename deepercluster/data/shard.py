@@ -123,7 +123,7 @@ def source_change(store: RunStore, cfg: DataConfig) -> str | None:
     if then is None:
         return None
     now = source_signature(cfg)
-    if now == then:
+    if now is None or now == then:  # None: not reachable from here (another machine): nothing to tell
         return None
     return (f"the source {cfg.source} changed since the shard stage listed it ({store.read_json(LISTING_DONE)['rows']}"
             " entries then): this run keeps that snapshot; `deepercluster stage shard --run RUN --force` takes the "
