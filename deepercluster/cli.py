@@ -142,23 +142,16 @@ def resolve_config(path: Path | None, method: str | None, sets: list[str], round
                    run_dir: str | None) -> PipelineConfig:
     """The config a command asks for: ``--config`` (or, on an existing ``--run`` without one, the run's saved
     config; else the preset's defaults), then ``--set`` and ``--rounds`` over it."""
-    from deepercluster.config import build_config, parse_sets
+    from deepercluster.config import build_config, deep_merge, parse_sets
     from deepercluster.run import CONFIG_FILE, load_run_config
 
     if path is None and run_dir and RunStore(run_dir).exists(CONFIG_FILE):
         saved = load_run_config(RunStore(run_dir)).model_dump(mode="json")
-        saved = _merge(saved, parse_sets(sets))
+        saved = deep_merge(saved, parse_sets(sets))
         if rounds is not None:
             saved["rounds"] = rounds
         return build_config(saved, method=method)
     return load_config(path, method=method, sets=sets, rounds=rounds)
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 @app.command("config")

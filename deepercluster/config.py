@@ -457,11 +457,11 @@ SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -497,8 +497,8 @@ def _build(overrides: dict[str, Any] | None, method: str | None, saved: bool) ->
         raise ConfigError(f"invalid config: method: unknown method {method!r}; choose one of {', '.join(PRESETS)}")
     data, default_source = overrides.get("data"), DataConfig.model_fields["source"].default
     source = data.get("source", default_source) if isinstance(data, dict) else default_source
-    base = _deep_merge(PRESETS[method], SOURCE_DEFAULTS.get(source, {}))
-    merged = _deep_merge(base, {**overrides, "method": method})
+    base = deep_merge(PRESETS[method], SOURCE_DEFAULTS.get(source, {}))
+    merged = deep_merge(base, {**overrides, "method": method})
     try:
         return PipelineConfig.model_validate(merged, context={"saved": saved})
     except ValidationError as err:
@@ -586,7 +586,7 @@ def load_config(path: str | Path | None = None, method: str | None = None, sets:
             raise ConfigError(f"config file {str(p)!r} does not exist")
         overrides = _parse_yaml(p.read_text(), f"config file {str(p)!r}",
                                 "give at least one field, or leave out --config to use the preset's defaults")
-    overrides = _deep_merge(overrides, parse_sets(sets))
+    overrides = deep_merge(overrides, parse_sets(sets))
     if rounds is not None:
         overrides["rounds"] = rounds
     return build_config(overrides, method=method)

@@ -8,7 +8,6 @@ shows in the Prefect UI. A lease on the run keeps a second run or stage off it m
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -24,10 +23,10 @@ from deepercluster.errors import ConfigError
 from deepercluster.lease import run_lease
 from deepercluster.progress import emit
 from deepercluster.run import open_run
-from deepercluster.stages import begin, finish, get_stage, stage_names
+from deepercluster.stages import get_stage, stage_names
 from deepercluster.stages.base import Round
 from deepercluster.stages.lineage import round_label
-from deepercluster.stages.timing import record_timing
+from deepercluster.stages.runner import run_framed
 from flows.dask_runtime import dask_runner, dask_scheduler, require_resources
 from tasks.publish import publish
 from tasks.units import run_unit, transient
@@ -65,24 +64,20 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
     r: Round = None if st.scope == "data" else round
     label = round_label(stage, r)
     logger = get_run_logger()
-    with run_lease(store, f"stage {label}"):
-        if begin(store, cfg, st, r, force=force):
-            logger.info("%s of %s: done (its fingerprint matches)", label, store.uri)
-            emit("stage", label=label, status="done")
-            return st.result(store, cfg, r)
+
+    def run_units() -> tuple[int, float]:
         logger.info("%s of %s%s", label, store.uri, " (force)" if force else "")
-        emit("stage", label=label, status="running")
-        start = time.perf_counter()
         if _on_dask() and dask_address:  # one flow run per stage: its units are this flow's own tasks
-            n_units, cpu_s = run_steps(run, stage, r, dask_address)
+            return run_steps(run, stage, r, dask_address)
+        with dask_scheduler(cfg.runtime, dask_address) as address:
+            units = _stage_units.with_options(task_runner=dask_runner(address), flow_run_name=f"{label} units")
+            return units(run, stage, r, address)
+
+    with run_lease(store, f"stage {label}"):
+        if run_framed(store, cfg, st, r, force, run_units):
+            publish(run, stage, r)
         else:
-            with dask_scheduler(cfg.runtime, dask_address) as address:
-                units = _stage_units.with_options(task_runner=dask_runner(address), flow_run_name=f"{label} units")
-                n_units, cpu_s = units(run, stage, r, address)
-        finish(store, st, r)
-        record_timing(store, stage, r, time.perf_counter() - start, cpu_s, n_units)
-        emit("stage_end", label=label, seconds=time.perf_counter() - start, units=n_units)
-        publish(run, stage, r)
+            logger.info("%s of %s: done (its fingerprint matches)", label, store.uri)
         return st.result(store, cfg, r)
 
 

@@ -11,6 +11,8 @@ locally first, then copied into it.
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import shutil
 import tempfile
@@ -65,8 +67,6 @@ def _write(store: RunStore, cfg: PipelineConfig, r: int, root: Path) -> dict[str
     with _writer(round_dir) as w:
         if store.exists(log_rel(r)):
             rows = [row for row in store.read_text(log_rel(r)).splitlines() if row.strip()]
-            import json
-
             for row in map(json.loads, rows):
                 for key in ("loss", "acc_super", "acc_sub", "images_per_s"):
                     if key in row:
@@ -92,15 +92,9 @@ def _galleries(store: RunStore, cfg: PipelineConfig, r: int, w) -> int:
     from PIL import Image
 
     for target, rel in result.galleries.items():
-        img = np.asarray(Image.open(store.url(rel) if store.is_local else _bytes_io(store, rel)).convert("RGB"))
+        img = np.asarray(Image.open(io.BytesIO(store.read_bytes(rel))).convert("RGB"))
         w.add_image(f"galleries/cluster-{target:05d}", img, global_step=r, dataformats="HWC")
     return len(result.galleries)
-
-
-def _bytes_io(store: RunStore, rel: str):
-    import io
-
-    return io.BytesIO(store.read_bytes(rel))
 
 
 def _embedding(store: RunStore, cfg: PipelineConfig, r: int, w) -> int:

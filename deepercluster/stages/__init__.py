@@ -7,7 +7,7 @@ named by the stage: ``shard``, ``extract``, ``cluster``, ``train``, ``evaluate``
 """
 
 from deepercluster.stages.base import LogReporter, Reporter, Stage, Step, get_stage, register, stage_names
-from deepercluster.stages.runner import begin, finish, run_all, run_plan, run_sequence, run_stage
+from deepercluster.stages.runner import begin, run_all, run_framed, run_plan, run_sequence, run_stage
 
-__all__ = ["LogReporter", "Reporter", "Stage", "Step", "begin", "finish", "get_stage", "register", "run_all",
-           "run_plan", "run_sequence", "run_stage", "stage_names"]
+__all__ = ["LogReporter", "Reporter", "Stage", "Step", "begin", "get_stage", "register", "run_all",
+           "run_framed", "run_plan", "run_sequence", "run_stage", "stage_names"]

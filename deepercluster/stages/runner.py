@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import StoreError
 from deepercluster.progress import emit
-from deepercluster.stages.base import Reporter, Round, Stage, get_stage
+from deepercluster.stages.base import LogReporter, Reporter, Round, Stage, get_stage
 from deepercluster.stages.lineage import (
     StageState,
     differences,
@@ -79,29 +80,43 @@ def finish(store: RunStore, stage: Stage, r: Round) -> None:
         raise StoreError(f"{round_label(stage.name, r)}: every unit ran but the stage was not recorded done: rerun it")
 
 
+def run_framed(store: RunStore, cfg: PipelineConfig, stage: Stage, r: Round, force: bool,
+               run_units: Callable[[], tuple[int, float]]) -> bool:
+    """The frame of every stage run, in process or on Dask: the fingerprint check (:func:`begin`), then
+    ``run_units()`` (every step's units; returns how many ran and their CPU seconds), the check that the stage was
+    recorded done, its timing, and the progress events around it. Returns whether the stage ran."""
+    label = round_label(stage.name, r)
+    if begin(store, cfg, stage, r, force=force):
+        emit("stage", label=label, status="done")
+        return False
+    emit("stage", label=label, status="running")
+    start = time.perf_counter()
+    units, cpu = run_units()
+    finish(store, stage, r)
+    record_timing(store, stage.name, r, time.perf_counter() - start, cpu, units)
+    emit("stage_end", label=label, seconds=time.perf_counter() - start, units=units)
+    return True
+
+
 def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, force: bool = False,
               report: Reporter | None = None) -> dict[str, Any]:
     """One stage, every unit in this process (tests, notebooks, benches); returns its summary."""
-    from deepercluster.stages.base import LogReporter
-
     stage = get_stage(name)
     stage.check_round(cfg, r)
     r = None if stage.scope == "data" else r
-    label = round_label(name, r)
-    if begin(store, cfg, stage, r, force=force):
-        emit("stage", label=label, status="done")
-    else:
-        emit("stage", label=label, status="running")
-        start, cpu, units = time.perf_counter(), 0.0, 0
+    report = report or LogReporter()
+
+    def run_units() -> tuple[int, float]:
+        units, cpu = 0, 0.0
         for step in stage.steps():
             todo = list(step.todo(store, cfg, r))
             for i, unit in enumerate(todo, start=1):
-                cpu += timed(lambda: step.run(store, cfg, r, unit, report or LogReporter()))[1]  # noqa: B023
-                emit("units", label=label, step=step.name, done=i, total=len(todo))
+                cpu += timed(lambda: step.run(store, cfg, r, unit, report))[1]  # noqa: B023
+                emit("units", label=round_label(name, r), step=step.name, done=i, total=len(todo))
             units += len(todo)
-        finish(store, stage, r)
-        record_timing(store, name, r, time.perf_counter() - start, cpu, units)
-        emit("stage_end", label=label, seconds=time.perf_counter() - start, units=units)
+        return units, cpu
+
+    run_framed(store, cfg, stage, r, force, run_units)
     return stage.result(store, cfg, r)
 
 
