@@ -2,10 +2,11 @@
 
 A float32 matrix product rounds differently with its blocking and kernels, so two runs that batch rows differently
 (in memory vs streamed shard by shard, one worker vs four, CPU vs GPU) could disagree on near-ties, and k-means
-would drift apart from there. Here a fast float32 search (a BLAS product on CPU, torch on CUDA) returns the two nearest
-centroids of every row; a row whose two distances are closer than four times a rigorous bound of the float32 error
-is re-decided in float64, row by row (ties -> lowest index). Either way the answer is argmin_j of the same float64
-distance ``sum_k (x_k - c_jk)^2`` of the float32 inputs, whatever computed the candidates.
+would drift apart from there. Here a fast float32 search (a BLAS product on CPU; on CUDA faiss-gpu's flat L2 index
+when the ``gpu`` extra is installed, else torch) returns the two nearest centroids of every row; a row whose two
+distances are closer than four times a rigorous bound of the float32 error is re-decided in float64, row by row
+(ties -> lowest index). Either way the answer is argmin_j of the same float64 distance ``sum_k (x_k - c_jk)^2`` of
+the float32 inputs, whatever computed the candidates.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CANDIDATE_SLACK = 1e-9  # float64 distances this close to the minimum (x (|x| + 
 DECIDE_BYTES = 32 << 20  # float64 distance block of the near-tie re-check
 SCORE_BLOCK_BYTES = 2 << 20  # float32 score block (k x rows) of one search thread: stays in its core's L2 cache
 MIN_SEARCH_ROWS, MAX_SEARCH_ROWS = 64, 8192  # rows per score block: fewer make the BLAS products inefficient
+CPU, TORCH_CUDA, FAISS_GPU = "cpu", "cuda", "faiss-gpu"  # search backends
 
 
 def float32_error_bound(x_norms: np.ndarray, c_norm_max: float, dim: int) -> np.ndarray:
@@ -48,21 +50,39 @@ def exact_sq_distances(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
 
 
 def resolve_backend(device: str = "auto") -> str:
-    """``cpu`` (numpy BLAS) or ``cuda`` (torch): ``auto`` takes CUDA only when an NVIDIA driver and torch see a GPU.
-    torch is imported only then, so CPU clustering stays light (a streamed k-means must fit a memory budget)."""
+    """``cpu`` (numpy BLAS), ``faiss-gpu`` (faiss's GPU flat index: the ``gpu`` extra) or ``cuda`` (torch): ``auto``
+    takes CUDA only when an NVIDIA driver and torch see a GPU; on CUDA, faiss-gpu when faiss reports a GPU (its
+    tiled distance + k-selection kernels never hold torch's full n x k distance matrix), torch otherwise. torch and
+    faiss are imported only then, so CPU clustering stays light (a streamed k-means must fit a memory budget)."""
     if device == "cpu":
-        return "cpu"
+        return CPU
     if device not in ("auto", "cuda"):
         raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda")
     if device == "auto" and not os.path.exists("/proc/driver/nvidia"):
-        return "cpu"
+        return CPU
     import torch
 
     if torch.cuda.is_available():
-        return "cuda"
+        return FAISS_GPU if faiss_gpus() > 0 else TORCH_CUDA
     if device == "cuda":
         raise ConfigError("runtime.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
-    return "cpu"
+    return CPU
+
+
+def faiss_gpus() -> int:
+    """GPUs faiss can search on: 0 with faiss-cpu (its ``get_num_gpus`` answers 0, and it has no GPU resources
+    class), without faiss, or when faiss-gpu cannot talk to the driver; a check that fails must fall back to torch,
+    never stop the clustering."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # a faiss-gpu built for another CUDA: torch's search still works
+        return 0
 
 
 def search_threads() -> int:
@@ -130,8 +150,10 @@ class NearestCentroid:
         self._c64 = self.centroids.astype(np.float64)  # for the near-tie re-check
         self._c64_sq = (self._c64**2).sum(1)
         self.c_norm_max = float(np.sqrt(self._c64_sq.max()))
-        if backend == "cuda":
+        if backend == TORCH_CUDA:
             self._torch = _torch_centroids(self.centroids)
+        elif backend == FAISS_GPU:
+            self._faiss = _faiss_gpu_index(self.centroids)
         else:  # scores c.x - |c|^2/2, centroid-major: one float32 product, then -|c|^2/2 added by the top-2 kernel
             self._neg_half_sq = (-self._c64_sq / 2).astype(np.float32)
             self._rows = int(np.clip(SCORE_BLOCK_BYTES // (4 * self.k), MIN_SEARCH_ROWS, MAX_SEARCH_ROWS))
@@ -150,8 +172,8 @@ class NearestCentroid:
         labels, dist = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
         if n == 0:
             return labels, dist
-        if self.backend == "cuda":
-            self.rechecked += self._search_cuda(x, x_sq, labels, dist)
+        if self.backend in (TORCH_CUDA, FAISS_GPU):
+            self.rechecked += self._search_device(x, x_sq, labels, dist)
             if rows_done is not None:
                 rows_done(0, n, labels)
             return labels, dist
@@ -191,8 +213,22 @@ class NearestCentroid:
             rows_done(lo, hi, labels[lo:hi])
         return rechecked
 
-    def _search_cuda(self, x: np.ndarray, x_sq: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> int:
-        d, idx = _torch_top2(x, *self._torch, min(2, self.k))
+    def _search_device(self, x: np.ndarray, x_sq: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> int:
+        """The GPU search of all rows at once: the two nearest centroids from torch or faiss-gpu, then the same
+        near-tie re-check (:meth:`_take_top2`). Returns the number of rows re-decided."""
+        kk = min(2, self.k)
+        if self.backend == FAISS_GPU:
+            d, idx = _faiss_top2(self._faiss, x, kk)
+        else:
+            d, idx = _torch_top2(x, *self._torch, kk)
+        return self._take_top2(x, x_sq, d, idx, labels, dist)
+
+    def _take_top2(self, x: np.ndarray, x_sq: np.ndarray, d: np.ndarray, idx: np.ndarray, labels: np.ndarray,
+                   dist: np.ndarray) -> int:
+        """Labels and distances from a float32 search's two nearest candidates per row (``d``, ``idx``: (n, 2), or
+        (n, 1) when k = 1, ascending), rows within the float32 margin re-decided in float64: whatever search gave
+        the candidates (torch, faiss, any blocking), the labels are the float64 argmin. A search that clamps
+        negative distances to 0 (as faiss may) is fine: clamping keeps the order and never widens a gap."""
         labels[:], dist[:] = idx[:, 0], np.maximum(d[:, 0], 0)
         return self._redecide(x, self._near_ties(x_sq, d[:, 1] - d[:, 0]), labels) if self.k > 1 else 0
 
@@ -248,3 +284,38 @@ def _torch_top2(x: np.ndarray, c, c_sq, kk: int) -> tuple[np.ndarray, np.ndarray
     vals, idx = torch.topk(d, kk, dim=1, largest=False)
     return vals.cpu().numpy(), idx.cpu().numpy()
 
+
+_faiss_lock = threading.Lock()  # one query at a time on the shared faiss GPU resources (faiss's rule)
+
+
+@cache
+def _faiss_resources(device: int):
+    """faiss's GPU scratch memory and streams of ``device``, made once per process (each holds ~1.5 GiB)."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+def _faiss_gpu_index(centroids: np.ndarray):
+    """The centroids in a faiss flat L2 index on torch's current CUDA device, stored in float32 and searched by
+    faiss's own kernels (not cuVS, whose arithmetic the error bound does not cover). faiss's cuBLAS handle keeps
+    full float32 products (no TF32: StandardGpuResources only disallows reduced-precision reductions), so the
+    bound of :func:`float32_error_bound` holds for its distances."""
+    import faiss
+    import torch
+
+    device = torch.cuda.current_device()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = False
+    if hasattr(options, "use_cuvs"):
+        options.use_cuvs = False
+    index = faiss.index_cpu_to_gpu(_faiss_resources(device), device, faiss.IndexFlatL2(centroids.shape[1]), options)
+    index.add(centroids)
+    return index
+
+
+def _faiss_top2(index, x: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 squared distances, int64 labels) of the ``kk`` nearest entries of ``index`` for each row of ``x``."""
+    with _faiss_lock:
+        d, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), kk)
+    return d, idx
