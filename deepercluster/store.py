@@ -41,7 +41,7 @@ import uuid
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 import numpy as np
@@ -50,6 +50,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from deepercluster.errors import DeeperClusterError, StoreError
 from deepercluster.paths import owner_of, round_dir  # noqa: F401  (round_dir re-exported)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("deepercluster")
 
@@ -262,6 +265,12 @@ class RunStore:
 
     def iter_parquet(self, rel: str, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
         """The parquet file ``rel`` row group by row group (only ``columns`` when given)."""
+        for table in self.iter_parquet_tables(rel, columns):
+            yield table.to_pandas()
+
+    def iter_parquet_tables(self, rel: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The parquet file ``rel`` row group by row group as Arrow tables (only ``columns`` when given): for
+        streaming a large file without a pandas copy (numpy views of its int columns share Arrow's buffers)."""
         import pyarrow.parquet as pq
 
         with self._open_existing(rel) as f:
@@ -270,7 +279,7 @@ class RunStore:
                 groups = reader.num_row_groups
             for group in range(groups):
                 with self.reading(rel):
-                    part = reader.read_row_group(group, columns=columns).to_pandas()
+                    part = reader.read_row_group(group, columns=columns)
                 yield part
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pd.DataFrame:

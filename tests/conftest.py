@@ -14,6 +14,7 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "DEEPERCLUSTER_CACHE": str(_TMP / "cache"),
+        "DEEPERCLUSTER_LOCAL_CACHE": str(_TMP / "local-cache"),  # the node-local files the train inputs map
     }
 )
 

@@ -14,6 +14,7 @@ from PIL import Image
 from deepercluster.config import build_config
 from deepercluster.data.datasets import read_image_bytes
 from deepercluster.data.images import read_bytes, read_many
+from deepercluster.data.locations import image_locations
 from deepercluster.data.repack import PACKED_INDEX, image_uris, packed_rel, packed_uris, unit_name
 from deepercluster.data.shard import load_manifest
 from deepercluster.features import open_features
@@ -60,6 +61,8 @@ def test_repacked_shards_are_webdataset_tars_that_extract_and_train_read(tmp_pat
     train_uris = image_uris(store, manifest)
     assert all(u.startswith("tar://") for u in train_uris)
     assert [read_image_bytes(u) for u in train_uris[:5]] == [Path(u).read_bytes() for u in manifest["uri"][:5]]
+    locations = image_locations(store)  # what the ranks look up: the same tar members, without the list
+    assert [locations[i] for i in range(len(train_uris))] == list(locations) == train_uris
 
     # features from the tars alone (the source folder is gone) equal features from the original files
     unpacked = RunStore(tmp_path / "unpacked")

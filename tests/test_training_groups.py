@@ -94,8 +94,8 @@ def test_sub_heads_are_the_same_whoever_holds_them() -> None:
 def test_a_group_trains_one_rotation(image_folder: Path) -> None:
     uris = [str(image_folder / "0000.png")]
     view = TrainingView(16, (0.5, 1.0), hflip=True)
-    free = PseudoLabelled(uris, [1], [2], view, n_rotations=4)
-    fixed = PseudoLabelled(uris, [1], [2], view, n_rotations=4, rotation=3)
+    free = PseudoLabelled(uris, [1 * 3 + 2], 3, view, n_rotations=4)  # super 1, sub 2 of k = 3
+    fixed = PseudoLabelled(uris, [1 * 3 + 2], 3, view, n_rotations=4, rotation=3)
     seed = 4 * 1000  # seed % 4 == 0: no rotation when it is free
     x0, super0, _ = free[0, seed]
     x3, super3, sub3 = fixed[0, seed]

@@ -5,9 +5,12 @@ initialised from the clusters' means classify the clustering view as the new ass
 
 from __future__ import annotations
 
+import pickle
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -17,7 +20,13 @@ from deepercluster.clustering.means import load_cluster_means, means_rel
 from deepercluster.clustering.stage import clusters_rel, load_round_features, whitened_features
 from deepercluster.config import build_config
 from deepercluster.data.images import decode, read_bytes
+from deepercluster.data.parquet_stream import ParquetStream
+from deepercluster.data.repack import image_uris
+from deepercluster.data.shard import MANIFEST, load_manifest
+from deepercluster.errors import StoreError
+from deepercluster.local_cache import LOCAL_CACHE_ENV
 from deepercluster.models import SubHeads
+from deepercluster.paths import assignments_rel
 from deepercluster.stages import run_stage
 from deepercluster.store import RunStore
 from deepercluster.training.errors import TrainError
@@ -44,7 +53,7 @@ def clustered(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path):
 def expected_clusters(store: RunStore, cfg) -> tuple[np.ndarray, np.ndarray]:
     """Level 1 and level 2 of every image, from whitened.zarr and the centroid files only."""
     x = whitened_features(store, cfg, 0)
-    sup = nearest(x, store.read_npy(clusters_rel(0, "super_centroids.npy")))
+    sup = nearest(x, store.read_npy(clusters_rel(0, "level1_centroids.npy")))
     sub = np.empty(len(x), dtype=np.int64)
     for s in range(cfg.cluster.super_clusters):
         rows = np.flatnonzero(sup == s)
@@ -126,3 +135,92 @@ def test_random_head_init_writes_no_means(tmp_path: Path, digits_dir: Path) -> N
     with pytest.raises(TrainError, match="no feature means .*rerun the cluster stage with --force") as err:
         init_sub_heads(store, centroids, 0, SubHeads(32, 8, 4))
     assert "\n" not in str(err.value)
+
+
+# ---- the training inputs without a per-image Python object: streamed checks, node-local mapped lookups ----------
+def synthetic_run(root: Path, n: int, m: int, k: int, seed: int = 0) -> tuple[RunStore, np.ndarray]:
+    """A run with only what the train stage's inputs read: a manifest of ``n`` images in row groups of whole shards
+    (as the shard stage writes it) and round 0's assignments (as the cluster stage writes them). Returns the
+    targets."""
+    store = RunStore(root)
+    schema = pa.schema([("image_id", pa.int64()), ("uri", pa.string()), ("shard", pa.int64())])
+    with ParquetStream(store, MANIFEST, schema, 1 << 16) as out:
+        for lo in range(0, n, 1 << 16):
+            ids = np.arange(lo, min(lo + (1 << 16), n))
+            out.write(pa.table({"image_id": ids, "uri": [f"/images/{i % 97:02d}/{i:09d}.jpg" for i in ids.tolist()],
+                                "shard": ids // 1000}, schema))
+    rng = np.random.default_rng(seed)
+    sup, sub = rng.integers(0, m, n), rng.integers(0, k, n)
+    store.write_parquet(assignments_rel(0), {"image_id": np.arange(n), "super": sup, "sub": sub,
+                                             "target": sup * k + sub})
+    return store, sup * k + sub
+
+
+def test_image_locations_are_exactly_the_uris_the_stage_read_before(clustered) -> None:
+    store, cfg = clustered
+    labels = load_pseudo_labels(store, cfg, 0)
+    expected = image_uris(store, load_manifest(store))
+    assert len(labels) == len(expected) and [labels.uris[i] for i in range(len(expected))] == expected
+    assert list(labels.uris) == labels.uris.take(np.arange(len(expected))) == expected
+    assert labels.targets.dtype == np.int32 and isinstance(labels.targets, np.memmap)  # mapped, not held
+    assert pickle.loads(pickle.dumps(labels.uris))[len(expected) - 1] == expected[-1]
+
+
+def test_the_training_dataset_pickles_small_whatever_the_number_of_images(tmp_path: Path, digits_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader workers receive the dataset pickled: paths, never the URIs or the targets of every image."""
+    monkeypatch.setenv(LOCAL_CACHE_ENV, str(tmp_path / "cache"))
+    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 4, "k": 50}))
+    sizes = {}
+    for n in (2_000, 200_000):
+        store, targets = synthetic_run(tmp_path / f"run-{n}", n, 4, 50)
+        labels = load_pseudo_labels(store, cfg, 0)
+        dataset = training_dataset(labels, cfg)
+        blob = pickle.dumps(dataset)
+        sizes[n] = len(blob)
+        assert labels.targets.dtype == np.int32 and np.array_equal(labels.targets, targets)
+        copy = pickle.loads(blob)  # what a worker holds: the same lookups, mapped again
+        assert copy.uris[n - 1] == f"/images/{(n - 1) % 97:02d}/{n - 1:09d}.jpg"
+        assert [int(copy.targets[i]) for i in (0, n - 1)] == [int(targets[0]), int(targets[-1])]
+    assert sizes[200_000] < 4096 and abs(sizes[200_000] - sizes[2_000]) < 64, sizes
+
+
+def test_building_the_training_inputs_holds_a_few_bytes_per_image(tmp_path: Path, digits_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 400k images the whole check-and-map pass (the node-local files made from scratch) peaks under 20 bytes
+    of Python/numpy memory per image; a list of URIs alone is ~100."""
+    monkeypatch.setenv(LOCAL_CACHE_ENV, str(tmp_path / "cache"))
+    n = 400_000
+    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 4, "k": 50}))
+    store, targets = synthetic_run(tmp_path / "run", n, 4, 50)
+    tracemalloc.start()
+    try:
+        labels = load_pseudo_labels(store, cfg, 0)
+        first, last = labels.uris[0], labels.uris[n - 1]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (first, last) == ("/images/00/000000000.jpg", f"/images/{(n - 1) % 97:02d}/{n - 1:09d}.jpg")
+    assert np.array_equal(labels.targets, targets)
+    assert peak / n < 20, f"{peak / n:.1f} bytes per image"
+
+
+@pytest.mark.parametrize("damage", ["missing", "twice", "sub out of range"])
+def test_assignments_that_miss_an_image_or_go_out_of_range_are_one_line_errors(tmp_path: Path, digits_dir: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch,
+                                                                               damage: str) -> None:
+    monkeypatch.setenv(LOCAL_CACHE_ENV, str(tmp_path / "cache"))
+    cfg = build_config(tiny_overrides(digits_dir, cluster={"super_clusters": 4, "k": 50}))
+    store, _ = synthetic_run(tmp_path / "run", 1000, 4, 50)
+    a = store.read_parquet(assignments_rel(0))
+    if damage == "missing":
+        a = a.drop(index=500)
+    elif damage == "twice":
+        a.loc[500, "image_id"] = 499
+    else:
+        a.loc[500, "sub"] = 50
+    store.write_parquet(assignments_rel(0), a)
+    with pytest.raises(StoreError, match="outside super" if damage == "sub out of range" else "exactly once") as err:
+        load_pseudo_labels(store, cfg, 0)
+    assert "\n" not in str(err.value)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".npy"]  # nothing half-checked is kept

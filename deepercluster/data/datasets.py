@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -42,15 +41,22 @@ class PseudoLabelled(Dataset):
     Returns ``(pixels, super_class, sub_class)`` where ``pixels`` are the view's uint8 ``(H, W, 3)`` (see
     :func:`~deepercluster.data.transforms.normalize_batch`) and ``super_class = super_cluster * n_rot + rotation``. With
     ``rotation`` given, every sample is turned by it (a DeeperCluster communication group trains one rotation).
+
+    ``uris[row]`` and ``targets[row]`` (``super_cluster * k + sub_cluster``) are looked up per sample and never
+    copied: DataLoader workers receive the dataset pickled, so a whole run's images should come as an
+    :class:`~deepercluster.data.locations.ImageLocations` and a
+    :class:`~deepercluster.local_cache.MappedArray`, which pickle as paths.
     """
 
-    def __init__(self, uris: Sequence[str], super_ids: Sequence[int], sub_ids: Sequence[int], view: TrainingView,
+    def __init__(self, uris: Sequence[str], targets: Sequence[int], k: int, view: TrainingView,
                  n_rotations: int, rotation: int | None = None):
         if rotation is not None and not 0 <= rotation < n_rotations:
             raise ValueError(f"rotation {rotation} is not in [0, {n_rotations})")
-        self.uris = list(uris)
-        self.super_ids = torch.tensor(np.asarray(super_ids), dtype=torch.long)  # a copy: inputs may be read-only
-        self.sub_ids = torch.tensor(np.asarray(sub_ids), dtype=torch.long)
+        if len(uris) != len(targets):
+            raise ValueError(f"{len(uris)} images but {len(targets)} targets")
+        self.uris = uris
+        self.targets = targets
+        self.k = k
         self.view = view
         self.n_rotations = n_rotations
         self.rotation = rotation
@@ -62,5 +68,5 @@ class PseudoLabelled(Dataset):
         row, seed = item
         rotation = seed % self.n_rotations if self.rotation is None else self.rotation
         x = self.view(decode(read_image_bytes(self.uris[row])), seed=seed, rotation=rotation)
-        super_class = int(self.super_ids[row]) * self.n_rotations + rotation
-        return x, super_class, int(self.sub_ids[row])
+        super_id, sub_id = divmod(int(self.targets[row]), self.k)
+        return x, super_id * self.n_rotations + rotation, sub_id

@@ -208,7 +208,7 @@ class Trainer:
         if self.plan.grouped:
             rows = np.flatnonzero(labels.super_ids == self.group // n_rot)
             self.sampler: UniformClusterSampler = GroupClusterSampler(
-                rows, labels.sub_ids[rows], t.epoch_images or self.n_images, self.batch, world, self.group,
+                rows, labels.targets[rows] % labels.k, t.epoch_images or self.n_images, self.batch, world, self.group,
                 self.plan.group_size, self.group_rank, cfg.seed, r)
             rotation = self.group % n_rot
         else:

@@ -1,0 +1,137 @@
+"""Where each image of a run is read from, looked up by ``image_id`` without a Python list of every URI.
+
+The train stage draws batches from all N images; a list of N URI strings costs each rank and each loader worker
+~100 bytes per image (10 GB at 96M). :class:`ImageLocations` instead maps a node-local Arrow IPC copy of one URI
+column (see :mod:`deepercluster.local_cache`), made once per node by streaming the store's parquet row groups; a
+lookup is a binary search over its chunks and one string copy, and the object pickles as a few paths.
+
+The column is what :func:`~deepercluster.data.repack.image_uris` reads: the packed index's ``uri`` (a tar member
+reference) when the run's images are repacked, the manifest's otherwise. Both files are written in ``image_id``
+order, which is checked while streaming: row ``i`` is image ``i``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from deepercluster.errors import StoreError
+from deepercluster.local_cache import build_once, cache_path
+from deepercluster.paths import MANIFEST, PACKED_INDEX
+from deepercluster.store import RunStore
+
+CHECK_ROWS = 1 << 16  # ids compared at a time: bounded temporaries whatever the row group size
+URI_SCHEMA = pa.schema([("uri", pa.string())])
+
+
+def ids_are_range(ids: np.ndarray, start: int) -> bool:
+    """Whether ``ids`` are ``start, start + 1, ...``, compared block by block (no temporary of ``len(ids)``)."""
+    for lo in range(0, len(ids), CHECK_ROWS):
+        block = ids[lo : lo + CHECK_ROWS]
+        if not np.array_equal(block, np.arange(start + lo, start + lo + len(block))):
+            return False
+    return True
+
+
+def ordered_rows(store: RunStore, rel: str) -> int | None:
+    """The rows of parquet ``rel`` when its ``image_id`` column is ``0..rows-1`` in row order, else None; streamed
+    one row group at a time."""
+    rows = 0
+    for table in store.iter_parquet_tables(rel, ["image_id"]):
+        for chunk in table.column("image_id").chunks:
+            if not ids_are_range(chunk.to_numpy(zero_copy_only=False), rows):
+                return None
+            rows += len(chunk)
+    return rows
+
+
+def manifest_images(store: RunStore) -> int:
+    """N, the number of images, once the manifest's image_ids are checked to be ``0..N-1`` in row order."""
+    n = ordered_rows(store, MANIFEST)
+    if n is None:
+        raise StoreError(f"{store.url(MANIFEST)}: the manifest image_ids are not 0..N-1 in order: rerun the shard "
+                         "stage")
+    return n
+
+
+def uri_source(store: RunStore, n: int) -> str:
+    """The parquet file whose ``uri`` column row ``i`` is where image ``i`` is read from: the packed index when the
+    run's images are repacked (checked to cover images ``0..n-1`` in order), else the manifest."""
+    if not store.exists(PACKED_INDEX):
+        return MANIFEST
+    packed = ordered_rows(store, PACKED_INDEX)
+    if packed is None or packed < n:
+        raise StoreError(f"{store.url(PACKED_INDEX)} does not cover every image of the manifest: rerun the shard "
+                         "stage with --force")
+    return PACKED_INDEX
+
+
+def _write_uris(store: RunStore, rel: str, n: int, path: Path) -> None:
+    """The first ``n`` URIs of ``rel`` as an Arrow IPC file, one record batch per row group (or less)."""
+    left = n
+    with pa.OSFile(os.fspath(path), "wb") as sink, ipc.new_file(sink, URI_SCHEMA) as out:
+        for table in store.iter_parquet_tables(rel, ["uri"]):
+            if left <= 0:
+                break
+            part = table.slice(0, left).cast(URI_SCHEMA)
+            out.write_table(part)
+            left -= part.num_rows
+    if left:
+        raise StoreError(f"{store.url(rel)} holds fewer than {n} image URIs: rerun the shard stage with --force")
+
+
+class ImageLocations(Sequence[str]):
+    """``locations[image_id]``: the URI image ``image_id`` is read from, exactly as ``image_uris`` gives it.
+
+    Holds paths only; the memory-mapped column is opened on the first lookup in each process (each DataLoader
+    worker maps the same node-local file)."""
+
+    def __init__(self, store: RunStore, source: str, n: int, path: str | os.PathLike[str]):
+        self.store, self.source, self.n, self.path = store, source, n, os.fspath(path)
+        self._uris: pa.ChunkedArray | None = None
+
+    def _column(self) -> pa.ChunkedArray:
+        if self._uris is None:
+            if not os.path.exists(self.path):  # a node-local file cleaned up since: made again from the store
+                build_once(Path(self.path), lambda tmp: _write_uris(self.store, self.source, self.n, tmp))
+            with ipc.open_file(pa.memory_map(self.path, "r")) as reader:
+                self._uris = reader.read_all().column("uri")  # zero-copy: the buffers are the mapped file
+        return self._uris
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, row: int) -> str:  # type: ignore[override]  (no slices: a lookup is of one image)
+        row = int(row)
+        if not -self.n <= row < self.n:
+            raise IndexError(f"image {row} is not in 0..{self.n - 1}")
+        return self._column()[row % self.n].as_py()
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._column().chunks:
+            yield from chunk.to_pylist()
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The URIs of ``rows`` (one batch's images) in one Arrow gather."""
+        return self._column().take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def __getstate__(self) -> dict:
+        return {"store": self.store, "source": self.source, "n": self.n, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["store"], state["source"], state["n"], state["path"])
+
+
+def image_locations(store: RunStore, n: int | None = None) -> ImageLocations:
+    """The run's image locations (``n``: the manifest's images, checked here when not given). The node-local
+    URI column is made on the first call on a node, from the packed index or the manifest as they are now."""
+    n = manifest_images(store) if n is None else n
+    source = uri_source(store, n)
+    path = cache_path(store, source, "uris", ".arrow", n)
+    build_once(path, lambda tmp: _write_uris(store, source, n, tmp))
+    return ImageLocations(store, source, n, path)
