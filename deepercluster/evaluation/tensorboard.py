@@ -73,8 +73,11 @@ def _write(store: RunStore, cfg: PipelineConfig, r: int, root: Path) -> dict[str
                         w.add_scalar(f"train/{key}", row[key], global_step=row["step"], walltime=row.get("time"))
                 counts["steps"] += 1
         if store.exists(assignments_rel(r)):
-            targets = store.read_parquet(assignments_rel(r), columns=["target"])["target"].to_numpy()
-            sizes = np.bincount(targets, minlength=cfg.cluster.n_targets)
+            sizes = np.zeros(cfg.cluster.n_targets, dtype=np.int64)
+            for part in store.iter_parquet(assignments_rel(r), columns=["target"]):  # a row group at a time
+                part_sizes = np.bincount(part["target"].to_numpy(), minlength=len(sizes))
+                sizes = np.pad(sizes, (0, len(part_sizes) - len(sizes)))
+                sizes += part_sizes
             w.add_histogram("clusters/size", sizes, global_step=r)
             counts["galleries"] = _galleries(store, cfg, r, w)
         if cfg.eval.embedding_sample:
@@ -101,17 +104,18 @@ def _embedding(store: RunStore, cfg: PipelineConfig, r: int, w) -> int:
     """A seeded sample of ``eval.embedding_sample`` rows of the round's features, their cluster and label, and a
     thumbnail of each image, for the embedding projector."""
     from deepercluster.data.images import decode, read_bytes
-    from deepercluster.data.shard import load_manifest
+    from deepercluster.evaluation.sample import rows_at
     from deepercluster.features import open_features
+    from deepercluster.paths import MANIFEST
 
     features = open_features(store, r)
     n = int(features.shape[0])
     rng = np.random.default_rng([cfg.seed, r, 7])
     ids = np.sort(rng.choice(n, size=min(cfg.eval.embedding_sample, n), replace=False))
     mat = np.asarray(features.get_orthogonal_selection((ids, slice(None))), dtype=np.float32)
-    manifest = load_manifest(store, columns=["image_id", "uri", "label"]).set_index("image_id").loc[ids]
+    manifest = rows_at(store, MANIFEST, ids, ["uri", "label"])  # streamed: only the sampled rows are kept
     if store.exists(assignments_rel(r)):
-        target = store.read_parquet(assignments_rel(r), columns=["target"])["target"].to_numpy()[ids]
+        target = rows_at(store, assignments_rel(r), ids, ["target"])["target"].to_numpy()
     else:
         target = np.full(len(ids), -1)
     labels = ["" if x is None or x != x else str(x) for x in manifest["label"]]
