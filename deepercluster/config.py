@@ -238,6 +238,12 @@ class EvalConfig(_Section):
     probe_train: float | int = Field(0.5, description="labelled images the probes learn from (fraction or count)")
     probe_test: float | int = Field(0.5, description="labelled images the probes are scored on (fraction or count)")
     split_seed: int = Field(0, description="seed of the train/test split of the labelled images")
+    sample: int = Field(100_000, ge=2, description="labelled images the k-means NMI/ARI, the linear probe and the kNN "
+                        "read at most: a seeded sample of them (the same for every round and method, seeded by "
+                        "split_seed) when there are more, and the probe splits are drawn within it; so the evaluate "
+                        "stage's memory stays bounded whatever the number of images. With fewer labelled images "
+                        "(every bundled or benchmark set: digits, MNIST, CIFAR-10, Fashion-MNIST's 70,000) all are "
+                        "read, as before. Cluster NMI/ARI against the labels and the previous round use every image")
     probe_weight_decay: float = Field(1e-4, ge=0, description="L2 penalty of the linear probe (standardised inputs)")
     probe_max_iter: int = Field(300, ge=1, description="L-BFGS iterations of the linear probe")
     layer: str | None = Field(None, description="layer the probes read: None = the extracted features; else a module "
@@ -291,6 +297,9 @@ class RuntimeConfig(_Section):
                                     "vectors; a (super-)cluster larger than this is clustered out of core, streaming "
                                     "its shards (same assignments)")
     stream_threads: int = Field(2, ge=1, description="cluster stage: feature shards read ahead in parallel")
+    block_rows: int = Field(1 << 18, ge=1, description="cluster stage: rows of consecutive image shards one unit "
+                            "whitens, assigns or sums for a sharded Lloyd iteration (at least one shard); a level-1 "
+                            "k-means whose rows fit one block runs as one unit. Any value gives the same results")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of a remote run "
                                             "store, e.g. {endpoint_url: http://minio:9000}; credentials belong in "
                                             "the environment (AWS_ACCESS_KEY_ID...), never here")

@@ -127,11 +127,17 @@ _OWNERS: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(r"data/(manifest|rejects)\.parquet"), "shard", "manifest"),
     (re.compile(r"rounds/(?P<r>\d+)/features\.zarr/features/c/(?P<s>\d+)/0"), "extract", "shard-{s:05d}"),
     (re.compile(r"rounds/(?P<r>\d+)/clusters/whitened\.zarr/c/(?P<s>\d+)/0"), "cluster", "whiten-{s:05d}"),
-    (re.compile(r"rounds/(?P<r>\d+)/clusters/(pca\.npz|super\.parquet|super_centroids\.npy)"), "cluster", "level1"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/pca\.npz"), "cluster", "pca"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/whitened\.json"), "cluster", "whitened"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/level1/(labels|distance)-(?P<s>\d+)\.npy"), "cluster", "assign-{s:05d}"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/level1_centroids\.npy"), "cluster", "kmeans-level1"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/kmeans/level1-part-(?P<b>\d+)\.npz"), "cluster", "part-level1-{b:05d}"),
+    (re.compile(r"rounds/(?P<r>\d+)/clusters/kmeans/(?P<n>level1|super-\d+)\.npz"), "cluster", "ckpt-{n}"),
     (re.compile(r"rounds/(?P<r>\d+)/clusters/sub-(?P<s>\d+)(\.parquet|_centroids\.npy|_means\.npy)"), "cluster",
      "super-{s:04d}"),
     (re.compile(r"rounds/(?P<r>\d+)/clusters/(assignments\.parquet|stats\.json|sizes\.png)"), "cluster", "_stage"),
     (re.compile(r"rounds/(?P<r>\d+)/eval/metrics\.json"), "evaluate", "_stage"),
+    (re.compile(r"rounds/(?P<r>\d+)/eval/(?P<n>cluster-metrics|probes)\.json"), "evaluate", "{n}"),
 ]
 
 

@@ -111,8 +111,9 @@ def _run_steps(store: RunStore, cfg: PipelineConfig, stage: Any, r: int | None) 
     from deepercluster.stages.base import LogReporter
 
     for step in stage.steps():
-        for unit in list(step.todo(store, cfg, r)):
-            step.run(store, cfg, r, unit, LogReporter())
+        for todo in step.batches(store, cfg, r):
+            for unit in todo:
+                step.run(store, cfg, r, unit, LogReporter())
 
 
 def _sums(record: dict[str, Any] | None) -> dict[str, Any]:
@@ -122,7 +123,6 @@ def _sums(record: dict[str, Any] | None) -> dict[str, Any]:
 def repair_run(store: RunStore, cfg: PipelineConfig, problems: Iterable[Problem]) -> list[str]:
     """Recompute the units of ``problems`` (only them, stage by stage in run order); returns one line per stage
     saying what was recomputed and whether its outputs are the recorded bytes again."""
-    from deepercluster.clustering.stage import LEVEL1_UNIT
     from deepercluster.stages import get_stage, run_stage
     from deepercluster.stages.lineage import round_label, stage_state
 
@@ -138,8 +138,6 @@ def repair_run(store: RunStore, cfg: PipelineConfig, problems: Iterable[Problem]
             lines.append(f"{label}: {state.describe()}: not repaired, `deepercluster run` recomputes it")
             continue
         units = {p.unit for p in probs}
-        if name == "cluster" and any(u.startswith("whiten-") for u in units):
-            units.add(LEVEL1_UNIT)  # level 1 is the step that whitens
         old = store.done_records(name, r, units)
         for p in probs:
             for rel in p.bad:

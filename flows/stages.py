@@ -19,12 +19,13 @@ from prefect.runtime import deployment as runtime_deployment
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect_dask import DaskTaskRunner
 
+from deepercluster.config import PipelineConfig
 from deepercluster.errors import ConfigError
 from deepercluster.lease import run_lease
 from deepercluster.progress import emit
 from deepercluster.run import open_run
 from deepercluster.stages import get_stage, stage_names
-from deepercluster.stages.base import Round
+from deepercluster.stages.base import Round, Step
 from deepercluster.stages.lineage import round_label
 from deepercluster.stages.runner import run_framed
 from flows.dask_runtime import dask_runner, dask_scheduler, require_resources
@@ -89,30 +90,35 @@ def _stage_units(run: str, stage: str, r: Round, address: str) -> tuple[int, flo
 
 def run_steps(run: str, stage: str, r: Round, address: str) -> tuple[int, float]:
     """Every step of the stage in order, each unit a task of the current flow run (whose task runner is the Dask
-    scheduler at ``address``); a step's units are listed once the previous step is done. Logs each step's progress
-    every 10% of its units. Returns the units run and their CPU seconds."""
+    scheduler at ``address``); a step's units are listed once the previous step is done (an iterative step's next
+    batch once its last one is). Returns the units run and their CPU seconds."""
     store, cfg = open_run(run)
-    logger = get_run_logger()
     done_units, cpu_s = 0, 0.0
     for step in get_stage(stage).steps():
-        todo = list(step.todo(store, cfg, r))
-        if not todo:
-            continue
-        resources = step.resources(cfg) if step.resources else ({"GPU": 1} if step.gpu else None)
-        resources = resources if cfg.runtime.gpu_workers else None
-        if resources and max(resources.values()) > 1:
-            require_resources(address, resources, "train.nproc")
-        task = run_unit.with_options(retries=step.retries, retry_delay_seconds=2,
-                                     retry_condition_fn=None if step.retry_user_errors else transient)
-        with dask.annotate(resources=resources) if resources else nullcontext():  # prefect-dask passes no
-            futures = [task.submit(run, stage, r, step.name, u, step.label(u)) for u in todo]  # resources=
-        logged = 0
-        emit("units", label=round_label(stage, r), step=step.name, done=0, total=len(todo))
-        for i, future in enumerate(as_completed(futures), start=1):
-            cpu_s += future.result()["cpu_s"]
-            emit("units", label=round_label(stage, r), step=step.name, done=i, total=len(todo))
-            if len(todo) > 1 and (i * 10 // len(todo) > logged or i == len(todo)):
-                logged = i * 10 // len(todo)
-                logger.info("%s %s: %d/%d units done", round_label(stage, r), step.name, i, len(todo))
-        done_units += len(todo)
+        for todo in step.batches(store, cfg, r):
+            cpu_s += _run_batch(run, stage, r, step, todo, address, cfg)
+            done_units += len(todo)
     return done_units, cpu_s
+
+
+def _run_batch(run: str, stage: str, r: Round, step: Step, todo: list, address: str, cfg: PipelineConfig) -> float:
+    """One batch of a step's units as Dask tasks, waited for; logs progress every 10% of them. Returns their CPU
+    seconds."""
+    logger = get_run_logger()
+    resources = step.resources(cfg) if step.resources else ({"GPU": 1} if step.gpu else None)
+    resources = resources if cfg.runtime.gpu_workers else None
+    if resources and max(resources.values()) > 1:
+        require_resources(address, resources, "train.nproc")
+    task = run_unit.with_options(retries=step.retries, retry_delay_seconds=2,
+                                 retry_condition_fn=None if step.retry_user_errors else transient)
+    with dask.annotate(resources=resources) if resources else nullcontext():  # prefect-dask passes no resources=
+        futures = [task.submit(run, stage, r, step.name, u, step.label(u)) for u in todo]
+    logged, cpu_s = 0, 0.0
+    emit("units", label=round_label(stage, r), step=step.name, done=0, total=len(todo))
+    for i, future in enumerate(as_completed(futures), start=1):
+        cpu_s += future.result()["cpu_s"]
+        emit("units", label=round_label(stage, r), step=step.name, done=i, total=len(todo))
+        if len(todo) > 1 and (i * 10 // len(todo) > logged or i == len(todo)):
+            logged = i * 10 // len(todo)
+            logger.info("%s %s: %d/%d units done", round_label(stage, r), step.name, i, len(todo))
+    return cpu_s

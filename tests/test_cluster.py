@@ -234,7 +234,8 @@ def extracted(tmp_path: Path, digits_dir: Path, extracted_once: Path):
 
 
 def _cluster_units(store: RunStore) -> list[str]:
-    return [u for u in store.done_units("cluster", 0) if not u.startswith("whiten-")]
+    """The stage's units but the per-shard ones and the checkpoints."""
+    return [u for u in store.done_units("cluster", 0) if not u.startswith(("whiten-", "assign-", "ckpt-"))]
 
 
 def test_hierarchical_cluster_stage(extracted):
@@ -253,8 +254,8 @@ def test_hierarchical_cluster_stage(extracted):
     sizes = np.bincount(a["target"], minlength=12)
     assert stats["non_empty"] == (sizes > 0).sum() and stats["size_max"] == sizes.max()
     assert stats["size_min"] == sizes[sizes > 0].min()
-    assert _cluster_units(store) == ["level1", "super-0000", "super-0001", "super-0002"]
-    for rel in ("pca.npz", "super_centroids.npy", "sub-0002_centroids.npy", "whitened.zarr/zarr.json"):
+    assert _cluster_units(store) == ["kmeans-level1", "pca", "super-0000", "super-0001", "super-0002", "whitened"]
+    for rel in ("pca.npz", "level1_centroids.npy", "sub-0002_centroids.npy", "whitened.zarr/zarr.json"):
         assert store.exists(clusters_rel(0, rel)), rel
     assert store.read_bytes(clusters_rel(0, stats["histogram"]))[:8] == b"\x89PNG\r\n\x1a\n"
     assert not stats["level1"]["streamed"] and stats["level2"]["streamed"] == []
@@ -337,3 +338,99 @@ def test_budget_and_reader_threads_are_runtime_settings():
                             "runtime": {"stream_threads": 4}})
     assert old.runtime.memory_budget_mb == 1.5 and old.runtime.stream_threads == 4
     assert old.hash == ref.hash and "memory_budget_mb" not in old.hashed_dict()["cluster"]
+
+
+# ---- level 1 as sharded Lloyd ---------------------------------------------------------------------------------------
+def _with_runtime(cfg, **runtime):
+    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update=runtime)})
+
+
+@pytest.mark.parametrize("cluster", [{"super_clusters": 1, "k": 6}, {"super_clusters": 3, "k": 4, "super_sample": 0},
+                                     {"super_clusters": 3, "k": 4, "super_sample": 20}])
+def test_sharded_level1_gives_the_one_unit_assignments(extracted, cluster):
+    """Level 1 split over blocks of 80 rows (3 blocks: sharded Lloyd, an iteration = 3 block units + a reduce) gives
+    the bits of the one-unit k-means: exact sums are the same in any split. Fitted on a sample, only the assignment
+    is split."""
+    one, cfg = extracted("one", **cluster)
+    split, _ = extracted("split", **cluster)
+    ref = run_stage(one, cfg, "cluster", 0)
+    out = run_stage(split, _with_runtime(cfg, block_rows=80), "cluster", 0)
+    assert load_assignments(split, 0).equals(load_assignments(one, 0))
+    same = {key: v for key, v in out["level2"].items() if key != "streamed"}  # sharded: the flat k-means "streamed"
+    assert same == {key: v for key, v in ref["level2"].items() if key != "streamed"}
+    assert out["super_sizes"] == ref["super_sizes"]
+    assert np.array_equal(split.read_npy(clusters_rel(0, "level1_centroids.npy")),
+                          one.read_npy(clusters_rel(0, "level1_centroids.npy")))
+    parts = sorted(u for u in split.done_units("cluster", 0) if u.startswith("part-"))
+    sampled = cluster.get("super_sample", 1) > 0 and cluster["super_clusters"] > 1
+    assert parts == ([] if sampled else ["part-level1-00000", "part-level1-00002", "part-level1-00004"])
+    assert sorted(u for u in split.done_units("cluster", 0) if u.startswith("assign-")) == \
+        [f"assign-{s:05d}" for s in range(6)]
+    assert not [u for u in one.done_units("cluster", 0) if u.startswith("part-")]
+
+
+_KILLED_CHILD = """
+import sys, time
+from deepercluster.clustering import sharded
+from deepercluster.config import PipelineConfig
+from deepercluster.stages import run_stage
+from deepercluster.store import RunStore
+
+save = sharded.save_checkpoint
+def slow_save(store, r, name, state):  # time for the parent to kill it after a checkpoint
+    save(store, r, name, state)
+    time.sleep(0.5)
+sharded.save_checkpoint = slow_save
+cfg = PipelineConfig.model_validate_json(open(sys.argv[2]).read())
+run_stage(RunStore(sys.argv[1]), cfg, "cluster", 0)
+"""
+
+
+@pytest.mark.parametrize("block_rows", [80, 1 << 18], ids=["sharded", "one-unit"])
+def test_killed_kmeans_resumes_at_its_last_checkpoint(extracted, tmp_path, monkeypatch, block_rows):
+    """SIGKILL the cluster stage once level 1 has saved iteration 2 or later: the rerun computes only the
+    iterations after the saved one (counted) and ends with the uninterrupted run's assignments."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from deepercluster.clustering import sharded
+
+    kmeans_module = sys.modules["deepercluster.clustering.kmeans"]  # the package's ``kmeans`` is the function
+
+    cluster = {"super_clusters": 1, "k": 6, "niter": 12}
+    ref_store, cfg = extracted("ref", **cluster)
+    cfg = _with_runtime(cfg, block_rows=block_rows)
+    run_stage(ref_store, cfg, "cluster", 0)
+    store, _ = extracted("killed", **cluster)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, store.path(""), str(tmp_path / "cfg.json")])
+    deadline = time.monotonic() + 120
+    while True:
+        record = store.done_record("cluster", 0, "ckpt-level1") if store.is_done("cluster", 0, "ckpt-level1") \
+            else None
+        if record and record["iteration"] >= 2:
+            os.kill(child.pid, signal.SIGKILL)
+            break
+        assert child.poll() is None and time.monotonic() < deadline, "the child ended before its k-means iterated"
+        time.sleep(0.02)
+    child.wait()
+    saved = sharded.load_checkpoint(store, 0, "level1").iteration  # the file counts (its record may lag it)
+    assert 2 <= saved < 12 and not store.stage_done("cluster", 0)
+
+    updates = []
+    real_update = kmeans_module.update
+
+    def counted(*args, **kwargs):
+        updates.append(1)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "update", counted)
+    monkeypatch.setattr(sharded, "update", counted)
+    run_stage(store, cfg, "cluster", 0)
+    assert len(updates) == 12 - saved  # resumed at the saved iteration, not at 0
+    assert load_assignments(store, 0).equals(load_assignments(ref_store, 0))
+    if block_rows != 80:
+        assert store.done_record("cluster", 0, "kmeans-level1")["resumed_at"] == saved

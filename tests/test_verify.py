@@ -78,14 +78,19 @@ def test_records_list_what_their_units_wrote(run):
     assert record["outputs"] == {obj: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
     outputs = {stage_unit: list(store.done_record(*stage_unit)["outputs"])
                for stage_unit in [("shard", None, "part-00000"), ("shard", None, "manifest"),
-                                  ("cluster", 0, "whiten-00005"), ("cluster", 0, "level1"),
+                                  ("cluster", 0, "whiten-00005"), ("cluster", 0, "pca"),
+                                  ("cluster", 0, "kmeans-level1"), ("cluster", 0, "ckpt-level1"),
+                                  ("cluster", 0, "assign-00002"), ("cluster", 0, "ckpt-super-0001"),
                                   ("cluster", 0, "super-0001"), ("cluster", 0, "_stage")]}
     assert outputs == {
         ("shard", None, "part-00000"): [f"{PARTS}/part-00000.parquet"],
         ("shard", None, "manifest"): ["data/manifest.parquet", "data/rejects.parquet"],
         ("cluster", 0, "whiten-00005"): ["rounds/0/clusters/whitened.zarr/c/5/0"],
-        ("cluster", 0, "level1"): ["rounds/0/clusters/pca.npz", "rounds/0/clusters/super.parquet",
-                                   "rounds/0/clusters/super_centroids.npy"],
+        ("cluster", 0, "pca"): ["rounds/0/clusters/pca.npz"],
+        ("cluster", 0, "kmeans-level1"): ["rounds/0/clusters/level1_centroids.npy"],
+        ("cluster", 0, "ckpt-level1"): ["rounds/0/clusters/kmeans/level1.npz"],
+        ("cluster", 0, "assign-00002"): ["rounds/0/clusters/level1/labels-00002.npy"],
+        ("cluster", 0, "ckpt-super-0001"): ["rounds/0/clusters/kmeans/super-0001.npz"],
         ("cluster", 0, "super-0001"): ["rounds/0/clusters/sub-0001.parquet",  # train.head_init: centroids
                                        "rounds/0/clusters/sub-0001_centroids.npy",
                                        "rounds/0/clusters/sub-0001_means.npy"],
@@ -96,7 +101,9 @@ def test_records_list_what_their_units_wrote(run):
         assert {owner_of(rel) for rel in rels} == {(stage, r, unit)}
     summary: dict = {}
     assert verify_run(store, summary=summary) == []
-    assert summary["units"] == 3 + (6 + 1) + (6 + 1 + 2 + 1)  # shard: part, manifest, stage; extract; cluster
+    # shard: part, manifest, stage; extract: 6 shards, stage; cluster: 6 whitened shards, pca + whitened, level 1 +
+    # its checkpoint, 6 shards' labels, 2 level-2 units + their checkpoints, stage
+    assert summary["units"] == 3 + (6 + 1) + (6 + 2 + 2 + 6 + 2 + 2 + 1)
     assert summary["unlisted"] == 0
     # float arrays fill with NaN: rows of a shard that is not there never read as features
     for rel in ("rounds/0/features.zarr/features", whitened_rel(0)):
@@ -209,8 +216,7 @@ def test_a_lost_whitened_shard(run, reference: Path):
     assert "(unit cluster r0 whiten-00001)" in _one_line(err)
     problems = verify_run(store)
     assert [p.unit for p in problems] == ["whiten-00001"]
-    assert repair_run(store, cfg, problems) == ["cluster r0: recomputed level1, whiten-00001: the same bytes as "
-                                                "recorded"]
+    assert repair_run(store, cfg, problems) == ["cluster r0: recomputed whiten-00001: the same bytes as recorded"]
     assert np.array_equal(whitened_features(store, cfg, 0), whitened_features(RunStore(reference), cfg, 0))
     assert verify_run(store) == []
 

@@ -15,7 +15,7 @@ threads or Dask workers, on CPU or GPU.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -218,14 +218,32 @@ def _move_rows(membership: Membership, block_lo: int, xb: np.ndarray, lo: int, h
     membership.move(block_lo + lo, xb[lo:hi], labels)
 
 
-def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence,
-          init: np.ndarray | None = None, backend: str = "cpu", exact_distances: bool = True,
-          threads: int | None = None) -> KMeansResult:
-    """k-means of a source whose rows lie on the fixed-point grid. ``k`` is lowered to the number of rows when it
-    exceeds it; ``init`` gives the initial centroids (default: ``k`` distinct rows drawn with ``seed``). Without
-    ``exact_distances`` the returned distances (and inertia) are the float32 search's, which may differ in the last
-    bits with the batching; the assignments never do. ``threads``: CPU search threads (default: numpy's BLAS
-    threads); the result does not depend on it."""
+@dataclass
+class LloydState:
+    """A k-means between two iterations: what a checkpoint holds. ``centroids`` after ``iteration`` updates (0: the
+    initial ones), the generator's state (the repairs of empty clusters draw from it), and the running totals."""
+
+    iteration: int
+    centroids: np.ndarray  # (k, d) float64
+    rng_state: dict
+    repairs: int = 0
+    rechecked: int = 0
+    history: list[float] = field(default_factory=list)
+
+    def rng(self) -> np.random.Generator:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.rng_state
+        return rng
+
+    def meta(self) -> dict:
+        """Everything but the centroids, JSON-able."""
+        return {"iteration": self.iteration, "rng_state": self.rng_state, "repairs": self.repairs,
+                "rechecked": self.rechecked, "history": self.history}
+
+
+def initial_state(source: VectorSource, k: int, seed: int | np.random.SeedSequence,
+                  init: np.ndarray | None = None) -> LloydState:
+    """Iteration 0: ``init``, or ``k`` (at most n) distinct rows of the source drawn with ``seed``."""
     n = source.n
     if n == 0:
         raise DataError("k-means got no points")
@@ -236,22 +254,73 @@ def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSe
         centroids = source.take(np.sort(rng.choice(n, size=min(k, n), replace=False))).astype(np.float64)
     else:
         centroids = np.array(init, dtype=np.float64)
-    repairs, rechecked, history = 0, 0, []
-    membership = Membership.empty(n, len(centroids), source.dim)
-    for _ in range(niter):
-        approx, checked, _, _ = _assign_pass(source, centroids, backend, membership, threads=threads)
-        history.append(approx)
-        rechecked += checked
-        nonempty = membership.counts > 0
-        centroids[nonempty] = membership.sums[nonempty] / membership.counts[nonempty, None]
-        repairs += repair_empty(centroids, membership.counts, rng)
-    del membership
+    return LloydState(0, centroids, rng.bit_generator.state)
+
+
+def update(state: LloydState, sums: np.ndarray, counts: np.ndarray, approx_inertia: float, rechecked: int) \
+        -> LloydState:
+    """The next iteration from the exact cluster sums and counts of an assignment pass to ``state``'s centroids
+    (the same bits however the pass was split: in one process, or over blocks on many workers)."""
+    centroids = state.centroids.copy()
+    nonempty = counts > 0
+    centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
+    rng = state.rng()
+    repairs = repair_empty(centroids, counts, rng)
+    return LloydState(state.iteration + 1, centroids, rng.bit_generator.state, state.repairs + repairs,
+                      state.rechecked + rechecked, [*state.history, approx_inertia])
+
+
+def block_sums(x: np.ndarray, centroids: np.ndarray, backend: str = "cpu", threads: int | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """One block's share of an assignment pass: exact per-cluster sums and counts of its rows (grid values) under
+    ``centroids``, its approximate inertia and the rows re-decided in float64. Adding every block's sums, in any
+    order, gives the whole pass's exact sums."""
+    nc = NearestCentroid(centroids, backend, threads)
+    labels, dist = nc.assign(np.ascontiguousarray(x, dtype=np.float32))
+    sums, counts = cluster_sums(x, labels, len(centroids))
+    return sums, counts, float(dist.sum(dtype=np.float64)), nc.rechecked
+
+
+def lloyd(source: VectorSource, k: int, niter: int, seed: int | np.random.SeedSequence,
+          init: np.ndarray | None = None, backend: str = "cpu", exact_distances: bool = True,
+          threads: int | None = None, resume: LloydState | None = None,
+          on_iteration: Callable[[LloydState], None] | None = None) -> KMeansResult:
+    """k-means of a source whose rows lie on the fixed-point grid. ``k`` is lowered to the number of rows when it
+    exceeds it; ``init`` gives the initial centroids (default: ``k`` distinct rows drawn with ``seed``). Without
+    ``exact_distances`` the returned distances (and inertia) are the float32 search's, which may differ in the last
+    bits with the batching; the assignments never do. ``threads``: CPU search threads (default: numpy's BLAS
+    threads); the result does not depend on it.
+
+    Checkpoints: ``on_iteration`` gets the state after every update (save it); ``resume`` continues from such a
+    state. The cluster sums are exact, so recomputing them from scratch at the first resumed pass gives the bits
+    the uninterrupted run's incremental sums had: a resumed k-means ends bit-identical to an uninterrupted one."""
+    state = resume if resume is not None else initial_state(source, k, seed, init)
+    state = iterate(source, state, niter, backend, threads, on_iteration)
+    return final_pass(source, state, k, backend, exact_distances, threads)
+
+
+def iterate(source: VectorSource, state: LloydState, niter: int, backend: str = "cpu", threads: int | None = None,
+            on_iteration: Callable[[LloydState], None] | None = None) -> LloydState:
+    """Lloyd updates from ``state`` until iteration ``niter``; ``on_iteration`` sees every new state."""
+    membership = Membership.empty(source.n, len(state.centroids), source.dim)
+    while state.iteration < niter:
+        approx, checked, _, _ = _assign_pass(source, state.centroids, backend, membership, threads=threads)
+        state = update(state, membership.sums, membership.counts.copy(), approx, checked)
+        if on_iteration is not None:
+            on_iteration(state)
+    return state
+
+
+def final_pass(source: VectorSource, state: LloydState, k: int, backend: str = "cpu", exact_distances: bool = True,
+               threads: int | None = None) -> KMeansResult:
+    """Every row's label and distance to the state's centroids: the result of the k-means."""
+    centroids = state.centroids
     _, checked, labels, distance = _assign_pass(source, centroids, backend, None, exact_distances, threads)
     inertia = float(distance.sum(dtype=np.float64))
-    history.append(inertia)
     return KMeansResult(
-        centroids=centroids.astype(np.float32), assign=labels, distance=distance,
-        inertia=inertia, repairs=repairs, k_requested=k, history=history, rechecked=rechecked + checked,
+        centroids=centroids.astype(np.float32), assign=labels, distance=distance, inertia=inertia,
+        repairs=state.repairs, k_requested=k, history=[*state.history, inertia],
+        rechecked=state.rechecked + checked,
     )
 
 

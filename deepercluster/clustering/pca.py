@@ -62,6 +62,33 @@ class Moments:
         self.total += y.sum(axis=0)
         self.outer += y.T @ y
 
+    def merge(self, other: Moments) -> None:
+        """Add another block's moments (re-centred on this one's reference: the sums stay those of every row)."""
+        if other.n == 0 or other.ref is None:
+            return
+        if self.ref is None:
+            self.n, self.ref, self.total, self.outer = other.n, other.ref.copy(), other.total.copy(), other.outer.copy()
+            return
+        delta = other.ref - self.ref  # rows of ``other`` are y' + delta relative to this reference
+        self.outer += other.outer + np.outer(other.total, delta) + np.outer(delta, other.total) \
+            + other.n * np.outer(delta, delta)
+        self.total += other.total + other.n * delta
+        self.n += other.n
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        ref = self.ref if self.ref is not None else np.zeros(len(self.total))
+        np.savez(buf, n=self.n, has_ref=self.ref is not None, ref=ref, total=self.total, outer=self.outer)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Moments:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        out = cls(len(z["total"]))
+        out.n, out.total, out.outer = int(z["n"]), z["total"], z["outer"]
+        out.ref = z["ref"] if bool(z["has_ref"]) else None
+        return out
+
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and (biased) covariance of every row added."""
         if self.n == 0 or self.ref is None:

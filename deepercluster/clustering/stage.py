@@ -1,15 +1,19 @@
-"""The cluster stage: round features -> PCA-whitening + L2 (shard by shard) -> level 1 (m super-clusters) ->
-level 2 (k sub-clusters inside each super-cluster, one unit of work per super-cluster) -> ``assignments.parquet``.
+"""The cluster stage: round features -> PCA-whitening + L2 -> level 1 (the k-means of every image into m
+super-clusters) -> level 2 (k sub-clusters inside each super-cluster, one unit per super-cluster) ->
+``assignments.parquet``. With m = 1, level 1 is the flat DeepCluster k-means and level 2 only files its result.
+
+Every step is units that any worker runs (see ``stages/cluster.py`` for the order): the PCA's moments and the
+whitening (:mod:`~deepercluster.clustering.whitening`), level 1 as sharded Lloyd
+(:mod:`~deepercluster.clustering.sharded`), one unit per super-cluster, and the merge. None needs every feature
+in memory: a level-2 unit whose vectors exceed ``runtime.memory_budget_mb`` streams its shards at every Lloyd
+iteration and gives the same assignments as in memory; the merge streams the units' files row group by row group.
 
 Outputs under ``rounds/<r>/clusters/``: ``pca.npz``, ``whitened.zarr`` (N x d float32, one zarr shard per image
-shard), ``super.parquet`` + ``super_centroids.npy`` (level 1), ``sub-<s>.parquet`` + ``sub-<s>_centroids.npy``
-(level 2, per super-cluster; with ``train.head_init: centroids`` also ``sub-<s>_means.npy``, the mean ReLU feature
-of each sub-cluster, see :mod:`deepercluster.clustering.means`), ``assignments.parquet`` (image_id, super, sub,
-target, distance), ``stats.json`` and ``sizes.png`` (cluster-size histogram).
-With m = 1 it is plain DeepCluster k-means.
-
-No step needs every feature in memory: a k-means unit whose vectors exceed ``runtime.memory_budget_mb`` streams
-its shards at every Lloyd iteration (the "sharded" k-means), and gives the same assignments as in memory.
+shard), ``level1_centroids.npy`` and ``level1/labels-<shard>.npy`` (level 1), ``sub-<s>.parquet`` +
+``sub-<s>_centroids.npy`` (level 2, per super-cluster; with ``train.head_init: centroids`` also
+``sub-<s>_means.npy``, the mean ReLU feature of each sub-cluster, see :mod:`deepercluster.clustering.means`),
+``kmeans/*.npz`` (k-means checkpoints), ``assignments.parquet`` (image_id, super, sub, target, distance),
+``stats.json`` and ``sizes.png`` (cluster-size histogram).
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ import numpy as np
 import pandas as pd
 
 from deepercluster.clustering.assign import resolve_backend
-from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd_on_sample
+from deepercluster.clustering.kmeans import ArrayVectors, KMeansResult, lloyd
 from deepercluster.clustering.means import means_rel, save_cluster_means
 from deepercluster.clustering.memory import bound_heap, release
 from deepercluster.clustering.plots import size_histogram
+from deepercluster.clustering.sharded import (
+    LEVEL1,
+    centroids_rel,
+    distance_rel,
+    fits_in_memory,
+    level1_stats,
+    load_checkpoint,
+    read_labels,
+    save_checkpoint,
+)
 from deepercluster.clustering.vectors import (
     ShardedVectors,
     members_by_shard,
@@ -37,26 +51,22 @@ from deepercluster.clustering.whitening import (
     _seed,
     checked,
     clusters_rel,
-    ensure_pca,
     open_whitened,
-    whiten_round,
     whitened_features,
     whitened_rel,
 )
 from deepercluster.config import PipelineConfig
-from deepercluster.errors import ConfigError, DataError
-from deepercluster.paths import assignments_rel, features_rel, pca_rel
+from deepercluster.errors import StoreError
+from deepercluster.paths import assignments_rel, features_rel
 from deepercluster.store import PARQUET_ROWS, RunStore
 
 __all__ = [
-    "STAGE", "LEVEL1_UNIT", "assignments_rel", "clusters_rel", "cluster_stats", "cluster_super", "finalize_cluster",
-    "discard_cluster", "load_assignments", "load_round_features", "prepare_cluster", "super_unit",
+    "STAGE", "assignments_rel", "clusters_rel", "cluster_stats", "cluster_super", "finalize_cluster",
+    "discard_cluster", "load_assignments", "load_round_features", "members", "super_unit",
     "whitened_features",
 ]
 
-LEVEL1_UNIT = "level1"
 HISTOGRAM = "sizes.png"
-BYTES_PER_MEMBER = 20  # labels (int64) + distance (float64) + squared norm (float32) kept for every row of a unit
 
 
 def super_unit(s: int) -> str:
@@ -73,26 +83,21 @@ def load_round_features(store: RunStore, r: int) -> np.ndarray:
     return out
 
 
-def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
-    """Whether ``n`` whitened vectors of width ``dim`` (plus their labels and distances) fit the memory budget."""
-    return n * (4 * dim + BYTES_PER_MEMBER) <= cfg.runtime.memory_budget_mb * 2**20
-
-
-def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray | None, k: int,
-                 seed: np.random.SeedSequence, exact_distances: bool = True,
-                 fit_rows: int = 0) -> tuple[KMeansResult, bool]:
-    """k-means of the whitened rows ``ids`` (sorted; None = all): gathered in memory when they fit the budget, else
-    streamed shard by shard at every iteration; ``fit_rows`` > 0: fitted on that many of them drawn at random, then
-    every row assigned. Returns the result and whether it streamed."""
+def cluster_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray, k: int, name: str,
+                 seed: np.random.SeedSequence) -> tuple[KMeansResult, bool, int]:
+    """k-means of the whitened rows ``ids`` (sorted): gathered in memory when they fit the budget, else streamed
+    shard by shard at every iteration; a checkpoint after every iteration (``name``), resumed from. Returns the
+    result, whether it streamed and the iteration it resumed at."""
     array = open_whitened(store, r)
     n = int(array.shape[0])
     source = ShardedVectors(array, members_by_shard(n, shard_rows(array), ids), threads=cfg.runtime.stream_threads,
                             store=store, rel=whitened_rel(r))
     streamed = not fits_in_memory(cfg, source.n, source.dim)
     data = source if streamed else ArrayVectors(source.gather())
-    backend = resolve_backend(cfg.runtime.device)
-    return lloyd_on_sample(data, k, cfg.cluster.niter, seed, fit_rows, backend=backend,
-                           exact_distances=exact_distances), streamed
+    resume = load_checkpoint(store, r, name)
+    res = lloyd(data, k, cfg.cluster.niter, seed, backend=resolve_backend(cfg.runtime.device), resume=resume,
+                on_iteration=lambda state: save_checkpoint(store, r, name, state))
+    return res, streamed, 0 if resume is None else resume.iteration
 
 
 def discard_cluster(store: RunStore, r: int) -> None:
@@ -101,63 +106,41 @@ def discard_cluster(store: RunStore, r: int) -> None:
     store.remove(clusters_rel(r))
 
 
-def prepare_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> list[int]:
-    """PCA + whitening + level 1; returns the super-clusters whose level-2 unit is still to do."""
-    n = int(open_round_features(store, r).shape[0])
-    m, k = cfg.cluster.super_clusters, cfg.cluster.k
-    if m * k > n:
-        raise ConfigError(f"cluster.k x cluster.super_clusters = {m * k} exceeds the {n} images of the run")
-    bound_heap()
-    if not store.is_done(STAGE, r, LEVEL1_UNIT):
-        try:
-            whiten_round(store, cfg, r, ensure_pca(store, cfg, r))
-        except DataError:
-            discard_cluster(store, r)
-            raise
-        release()
-        if m > 1:
-            # level-1 distances are not kept: its inertia is the float32 search's (last bits may vary with batching)
-            res, streamed = cluster_rows(store, cfg, r, None, m, _seed(cfg, r, 1), exact_distances=False,
-                                         fit_rows=m * cfg.cluster.super_sample)
-            super_ids = res.assign
-            info = {"inertia": res.inertia, "repairs": res.repairs, "streamed": streamed, "rechecked": res.rechecked}
-            store.write_npy(clusters_rel(r, "super_centroids.npy"), res.centroids)
-        else:
-            super_ids = np.zeros(n, dtype=np.int64)
-            info = {"inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
-        store.write_parquet(clusters_rel(r, "super.parquet"), {"image_id": np.arange(n),
-                                                              "super": super_ids.astype(np.int32)})
-        outputs = [pca_rel(r)] + ([clusters_rel(r, "super_centroids.npy")] if m > 1 else []) + \
-            [clusters_rel(r, "super.parquet")]
-        store.mark_done(STAGE, r, LEVEL1_UNIT, info, outputs=outputs)
-        release()
-    done = set(store.done_units(STAGE, r))
-    return [s for s in range(m) if super_unit(s) not in done]
+def members(store: RunStore, r: int, s: int) -> np.ndarray:
+    """The image ids of super-cluster ``s`` (sorted), from level 1's per-shard labels (one shard in memory)."""
+    array = open_whitened(store, r)
+    ranges = shard_ranges(int(array.shape[0]), shard_rows(array))
+    parts = [lo + np.flatnonzero(read_labels(store, r, i) == s) for i, (lo, _) in enumerate(ranges)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[str, float]:
-    """Level 2 for super-cluster ``s``: k-means of its members into ``k`` sub-clusters (fewer if it is smaller)."""
+    """Level 2 for super-cluster ``s``: k-means of its members into ``k`` sub-clusters (fewer if it is smaller).
+    With one super-cluster, level 1 was the flat k-means: its labels and distances are filed as they are."""
     unit = super_unit(s)
     if store.is_done(STAGE, r, unit):
         return store.done_record(STAGE, r, unit)
     bound_heap()
-    supers = store.read_parquet(clusters_rel(r, "super.parquet"), columns=["super"])["super"].to_numpy()
-    ids = np.flatnonzero(supers == s)
-    del supers
-    release()
     outputs = []
-    if len(ids) == 0:
-        info = {"members": 0, "k": 0, "inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
-        sub, dist = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    if cfg.cluster.super_clusters == 1:
+        ids, sub, dist, info = _flat_result(store, r)
+        centroids = store.read_npy(centroids_rel(r, LEVEL1))
     else:
-        res, streamed = cluster_rows(store, cfg, r, ids, cfg.cluster.k, _seed(cfg, r, 2, s))
-        sub, dist = res.assign, res.distance
+        ids = members(store, r, s)
+        release()
+        if len(ids) == 0:
+            info = {"members": 0, "k": 0, "inertia": 0.0, "repairs": 0, "streamed": False, "rechecked": 0}
+            sub, dist, centroids = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), None
+        else:
+            res, streamed, resumed = cluster_rows(store, cfg, r, ids, cfg.cluster.k, unit, _seed(cfg, r, 2, s))
+            sub, dist, centroids = res.assign, res.distance, res.centroids
+            info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
+                    "streamed": streamed, "rechecked": res.rechecked, "resumed_at": resumed}
+    if centroids is not None:
         outputs.append(clusters_rel(r, f"sub-{s:04d}_centroids.npy"))
-        store.write_npy(outputs[-1], res.centroids)
-        info = {"members": len(ids), "k": res.k, "inertia": res.inertia, "repairs": res.repairs,
-                "streamed": streamed, "rechecked": res.rechecked}
+        store.write_npy(outputs[-1], centroids)
         if cfg.train.head_init == "centroids":
-            info.update(save_cluster_means(store, r, s, ids, sub, res.k, cfg.runtime.stream_threads))
+            info.update(save_cluster_means(store, r, s, ids, sub, len(centroids), cfg.runtime.stream_threads))
             outputs.append(means_rel(r, s))
     outputs.append(clusters_rel(r, f"sub-{s:04d}.parquet"))
     store.write_parquet(outputs[-1], {"image_id": ids, "sub": sub, "distance": dist})
@@ -166,36 +149,44 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
     return info
 
 
+def _flat_result(store: RunStore, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The flat k-means' labels and exact distances, from its per-shard files (m = 1)."""
+    array = open_whitened(store, r)
+    ranges = shard_ranges(int(array.shape[0]), shard_rows(array))
+    sub = np.concatenate([read_labels(store, r, i) for i in range(len(ranges))]).astype(np.int64)
+    dist = np.concatenate([store.read_npy(distance_rel(r, i)) for i in range(len(ranges))])
+    stats = level1_stats(store, r, len(ranges))
+    info = {"members": len(sub), "k": stats["k"], "inertia": float(dist.sum(dtype=np.float64)),
+            "repairs": stats["repairs"], "streamed": stats["streamed"], "rechecked": stats["rechecked"],
+            "resumed_at": stats["resumed_at"]}
+    return np.arange(len(sub)), sub, dist, info
+
+
 def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
-    """Merge the level-2 units into ``assignments.parquet``; write ``stats.json`` and the size histogram. Columns
-    are read and written a row group at a time: beside them, only the per-image super and sub ids and distances are
-    held (12 bytes per image)."""
+    """Merge level 1's labels and the level-2 units' files into ``assignments.parquet``, ``PARQUET_ROWS`` images
+    at a time (each unit's file is read in step, a row group at a time: memory does not grow with N); write
+    ``stats.json`` and the size histogram."""
     m, k = cfg.cluster.super_clusters, cfg.cluster.k
     bound_heap()
-    supers = store.read_parquet(clusters_rel(r, "super.parquet"), columns=["super"])["super"].to_numpy(np.int32)
-    n = len(supers)
-    sub, distance = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.float32)
-    for s in range(m):  # each part: the members of one super-cluster, by image_id
-        for part in store.iter_parquet(clusters_rel(r, f"sub-{s:04d}.parquet")):
-            ids = part["image_id"].to_numpy()
-            sub[ids], distance[ids] = part["sub"].to_numpy(), part["distance"].to_numpy()
-    release()
+    array = open_whitened(store, r)
+    n, per = int(array.shape[0]), shard_rows(array)
     sizes = np.zeros(m * k, dtype=np.int64)
-    store.write_parquet_parts(assignments_rel(r), _assignment_parts(supers, sub, distance, k, sizes))
-    del supers, sub, distance
+    streams = [_IdStream(store.iter_parquet(clusters_rel(r, f"sub-{s:04d}.parquet"))) for s in range(m)]
+    store.write_parquet_parts(assignments_rel(r), _assignment_parts(store, r, n, per, m, k, streams, sizes))
     release()
     stats = cluster_stats(sizes)
-    level1 = store.done_record(STAGE, r, LEVEL1_UNIT)
+    level1 = level1_stats(store, r, len(shard_ranges(n, per)))
     units = [store.done_record(STAGE, r, super_unit(s)) for s in range(m)]
+    flat = m == 1  # level 1 was the flat k-means: its figures are level 2's
     stats.update(
-        level1={"k": m, "inertia": level1["inertia"], "repairs": level1["repairs"],
-                "streamed": level1.get("streamed", False)},
+        level1={"k": m, "inertia": 0.0 if flat else level1["inertia"], "repairs": 0 if flat else level1["repairs"],
+                "streamed": False if flat else level1["streamed"]},
         level2={"k": k, "inertia": float(sum(u["inertia"] for u in units)),
                 "repairs": int(sum(u["repairs"] for u in units)),
                 "clamped": [s for s, u in enumerate(units) if u["k"] < k],
                 "streamed": [s for s, u in enumerate(units) if u.get("streamed")]},
         super_sizes=sizes.reshape(m, k).sum(1).tolist(),
-        rechecked=int(level1.get("rechecked", 0) + sum(u.get("rechecked", 0) for u in units)),
+        rechecked=int((0 if flat else level1["rechecked"]) + sum(u.get("rechecked", 0) for u in units)),
         histogram=HISTOGRAM,
     )
     store.write_bytes(clusters_rel(r, HISTOGRAM), size_histogram(sizes, f"round {r}: {m} x {k} targets"))
@@ -205,17 +196,60 @@ def finalize_cluster(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
     return stats
 
 
-def _assignment_parts(supers: np.ndarray, sub: np.ndarray, distance: np.ndarray, k: int, sizes: np.ndarray,
-                      rows: int = PARQUET_ROWS) -> Iterator[pd.DataFrame]:
+class _IdStream:
+    """A level-2 unit's rows (sorted by image id), handed out in id order: ``until(hi)`` gives the rows with
+    ``image_id < hi`` not given yet, reading the file a row group at a time."""
+
+    def __init__(self, parts: Iterator[pd.DataFrame]):
+        self.parts = parts
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.sub = np.zeros(0, dtype=np.int64)
+        self.dist = np.zeros(0, dtype=np.float32)
+        self.exhausted = False
+
+    def until(self, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        while not self.exhausted and (len(self.ids) == 0 or self.ids[-1] < hi):
+            part = next(self.parts, None)
+            if part is None:
+                self.exhausted = True
+                break
+            self.ids = np.concatenate([self.ids, part["image_id"].to_numpy(np.int64)])
+            self.sub = np.concatenate([self.sub, part["sub"].to_numpy(np.int64)])
+            self.dist = np.concatenate([self.dist, part["distance"].to_numpy(np.float32)])
+        cut = int(np.searchsorted(self.ids, hi))
+        out = self.ids[:cut], self.sub[:cut], self.dist[:cut]
+        self.ids, self.sub, self.dist = self.ids[cut:], self.sub[cut:], self.dist[cut:]
+        return out
+
+
+def _assignment_parts(store: RunStore, r: int, n: int, per: int, m: int, k: int, streams: list[_IdStream],
+                      sizes: np.ndarray, rows: int = PARQUET_ROWS) -> Iterator[pd.DataFrame]:
     """``assignments.parquet``'s rows in parts (image_id, super, sub, target, distance): never all at once. Each
-    part's targets are counted into ``sizes`` (images per target) as it is made."""
-    for lo in range(0, max(len(supers), 1), rows):
-        hi = min(lo + rows, len(supers))
-        s, c = supers[lo:hi].astype(np.int64), sub[lo:hi].astype(np.int64)
+    part's targets are counted into ``sizes`` (images per target) as it is made; every image must be filed by
+    exactly the level-2 unit of its super-cluster."""
+    for lo in range(0, max(n, 1), rows):
+        hi = min(lo + rows, n)
+        if m > 1:
+            first, last = lo // per, (hi - 1) // per
+            labels = np.concatenate([read_labels(store, r, i) for i in range(first, last + 1)])
+            s = labels[lo - first * per : hi - first * per].astype(np.int64)
+        else:
+            s = np.zeros(hi - lo, dtype=np.int64)
+        c = np.full(hi - lo, -1, dtype=np.int64)
+        distance = np.zeros(hi - lo, dtype=np.float32)
+        for j, stream in enumerate(streams):
+            ids, sub, dist = stream.until(hi)
+            if len(ids) and (ids[0] < lo or (s[ids - lo] != j).any()):
+                raise StoreError(f"cluster round {r}: {super_unit(j)}'s members disagree with level 1's labels: "
+                                 "rerun the cluster stage with --force")
+            c[ids - lo], distance[ids - lo] = sub, dist
+        if (c < 0).any():
+            raise StoreError(f"cluster round {r}: image {lo + int(np.flatnonzero(c < 0)[0])} is in no level-2 "
+                             "unit's file: rerun the cluster stage with --force")
         target = s * k + c
         sizes += np.bincount(target, minlength=len(sizes))
         yield pd.DataFrame({"image_id": np.arange(lo, hi), "super": s, "sub": c, "target": target,
-                            "distance": distance[lo:hi]})
+                            "distance": distance})
 
 
 def cluster_stats(sizes: np.ndarray) -> dict:

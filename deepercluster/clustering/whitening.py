@@ -1,13 +1,13 @@
-"""PCA-whitening of a round's features, shard by shard.
+"""PCA-whitening of a round's features, as units of the cluster stage (any worker runs any of them).
 
-1. :func:`ensure_pca`: a seeded random sample of ``cluster.pca_sample`` rows is read shard by shard (only its rows)
-   and its exact mean and covariance are accumulated in float64; the fitted transform is saved as
-   ``clusters/pca.npz`` and reused when the stage reruns.
-2. :func:`whiten_round`: every feature shard is checked (non-finite values: an error naming the shard), whitened,
-   L2-normalised and snapped to the fixed-point grid of k-means (exact cluster sums, see ``kmeans``), then written
-   as one zarr shard of ``clusters/whitened.zarr`` (N x d float32, NaN fill value). Shards run in a few threads;
-   each has a completion record listing its zarr shard's object (size and checksum), so a killed run resumes and
-   a lost or damaged shard is recomputed alone.
+1. ``moments``: the exact float64 mean and covariance sums of a seeded random sample of ``cluster.pca_sample`` rows,
+   one unit per shard group (at most ``PCA_GROUPS``, fixed by N and the shard size: the sums' order is part of the
+   fit), each reading only its sampled rows; ``pca``: one unit adds them in group order, fits the transform, saves
+   ``clusters/pca.npz`` and creates ``clusters/whitened.zarr`` (N x d float32, NaN fill value).
+2. ``whiten``: one unit per run of shards (``runtime.block_rows`` rows): every feature shard is checked (non-finite
+   values: an error naming the shard), whitened, L2-normalised and snapped to the fixed-point grid of k-means (exact
+   cluster sums, see ``kmeans``), then written as its own zarr shard, recorded with its object's size and checksum,
+   so a killed run resumes and a lost or damaged shard is recomputed alone; ``whitened``: the record readers check.
 
 A feature shard whose object is missing (its rows read as NaN, the fill value) or cannot be read is a StoreError
 naming the extract unit to recompute; real non-finite features are a DataError naming the shard.
@@ -30,12 +30,13 @@ from deepercluster.clustering.vectors import (
     shard_rows,
 )
 from deepercluster.config import PipelineConfig
-from deepercluster.errors import DataError
+from deepercluster.errors import ConfigError, DataError
 from deepercluster.paths import WHITENED, clusters_rel, features_rel, pca_rel, whitened_rel, zarr_shard_rel
 from deepercluster.store import RunStore, round_dir
 
-__all__ = ["STAGE", "WHITENED", "checked", "clusters_rel", "ensure_pca", "open_whitened", "pca_rel", "whiten",
-           "whiten_round", "whiten_unit", "whitened_features", "whitened_rel", "whitening_done"]
+__all__ = ["STAGE", "WHITENED", "checked", "clusters_rel", "ensure_pca", "fit_pca_unit", "group_moments",
+           "mark_whitened", "moments_todo", "open_whitened", "pca_rel", "whiten", "whiten_shards", "whiten_todo",
+           "whiten_unit", "whitened_features", "whitened_rel", "whitening_done"]
 
 STAGE = "cluster"
 
@@ -66,34 +67,118 @@ def checked(block: np.ndarray, store: RunStore, r: int, shard: int, lo: int) -> 
     return x
 
 
-def ensure_pca(store: RunStore, cfg: PipelineConfig, r: int) -> PCAWhitening:
-    """The round's PCA-whitening: loaded when saved, else fitted on a bounded random sample and saved."""
-    if store.exists(pca_rel(r)):
-        data = store.read_bytes(pca_rel(r))
-        with store.reading(pca_rel(r)):
-            return PCAWhitening.from_bytes(data)
+PCA_GROUPS = 16  # shard groups the PCA's moments are split into (fixed: the float64 sums' order is part of the fit)
+
+
+def moments_unit(group: int) -> str:
+    return f"moments-{group:02d}"
+
+
+def moments_rel(r: int, group: int) -> str:
+    return clusters_rel(r, f"pca/moments-{group:02d}.npz")
+
+
+def pca_groups(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """The PCA's shard groups: at most ``PCA_GROUPS`` runs of consecutive shards, (first, last) inclusive; fixed by
+    the number of rows and the shard size alone."""
+    shards = len(shard_ranges(n, rows_per_shard))
+    g = min(PCA_GROUPS, shards)
+    bounds = [shards * i // g for i in range(g + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(g)]
+
+
+def pca_sample(cfg: PipelineConfig, r: int, n: int) -> np.ndarray:
+    """The rows the PCA is fitted on: ``cluster.pca_sample`` of them, drawn with the round's seed (sorted)."""
+    size = min(n, cfg.cluster.pca_sample)
+    if size == n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(_seed(cfg, r, 0)).choice(n, size, replace=False))
+
+
+def moments_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[int]:
+    """The shard groups whose sample moments are still to compute (none once the PCA is saved). The stage's first
+    step: a run with fewer images than targets is refused here, before any work."""
+    n = int(open_round_features(store, r).shape[0])
+    if cfg.cluster.n_targets > n:
+        raise ConfigError(f"cluster.k x cluster.super_clusters = {cfg.cluster.n_targets} exceeds the {n} images of "
+                          "the run")
+    if store.is_done(STAGE, r, "pca") or store.exists(pca_rel(r)):
+        return []
+    array = open_round_features(store, r)
+    groups = pca_groups(int(array.shape[0]), shard_rows(array))
+    done = set(store.done_units(STAGE, r))
+    return [g for g in range(len(groups)) if moments_unit(g) not in done]
+
+
+def _moments(store: RunStore, cfg: PipelineConfig, r: int, group: int) -> Moments:
+    """Exact float64 moments of the PCA sample's rows in one shard group (only those rows are read)."""
     array = open_round_features(store, r)
     n, dim = array.shape
-    rng = np.random.default_rng(_seed(cfg, r, 0))
-    size = min(n, cfg.cluster.pca_sample)
-    sample = np.arange(n) if size == n else np.sort(rng.choice(n, size, replace=False))
     ranges = shard_ranges(n, shard_rows(array))
-
-    def read(s: int) -> np.ndarray:
+    first, last = pca_groups(n, shard_rows(array))[group]
+    sample = pca_sample(cfg, r, n)
+    moments = Moments(dim)
+    for s in range(first, last + 1):
         lo, hi = ranges[s]
         rows = sample[np.searchsorted(sample, lo) : np.searchsorted(sample, hi)]
-        if len(rows) == 0:
-            return np.zeros((0, dim), dtype=np.float32)
-        block = read_rows(store, array, features_rel(r), lo, hi, None if len(rows) == hi - lo else rows)
-        return checked(block, store, r, s, lo)
+        if len(rows):
+            block = read_rows(store, array, features_rel(r), lo, hi, None if len(rows) == hi - lo else rows)
+            moments.add(checked(block, store, r, s, lo))
+    return moments
 
-    moments = Moments(dim)
-    with ThreadPoolExecutor(cfg.runtime.stream_threads) as pool:
-        for block in pool.map(read, range(len(ranges))):  # in shard order: the float64 sums are reproducible
-            moments.add(block)
-    pca = pca_from_moments(moments, cfg.cluster.pca_dim, whiten=cfg.cluster.whiten)
-    store.write_bytes(pca_rel(r), pca.to_bytes())
-    return pca
+
+def group_moments(store: RunStore, cfg: PipelineConfig, r: int, group: int) -> dict:
+    """A moments unit: one shard group's moments, saved and recorded."""
+    moments = _moments(store, cfg, r, group)
+    store.write_bytes(moments_rel(r, group), moments.to_bytes())
+    store.mark_done(STAGE, r, moments_unit(group), {"rows": moments.n}, outputs=[moments_rel(r, group)])
+    return {"rows": moments.n}
+
+
+def fit_pca_unit(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
+    """Add the groups' moments in group order, fit the PCA-whitening and save it (a saved one is kept: the stage's
+    outputs are discarded whole when what they depend on changes), then make the whitened array (each whitening
+    unit writes its own shards). The groups' files are removed once the PCA is saved."""
+    features = open_round_features(store, r)
+    n, dim = int(features.shape[0]), int(features.shape[1])
+    groups = pca_groups(n, shard_rows(features))
+    if store.exists(pca_rel(r)):
+        pca, rows = ensure_pca(store, cfg, r), None
+    else:
+        total = Moments(dim)
+        for g in range(len(groups)):
+            data = store.read_bytes(moments_rel(r, g))
+            with store.reading(moments_rel(r, g)):
+                total.merge(Moments.from_bytes(data))
+        pca, rows = _fit(cfg, total), total.n
+        store.write_bytes(pca_rel(r), pca.to_bytes())
+    if not store.exists(f"{whitened_rel(r)}/zarr.json"):
+        zarr.create_array(store.url(whitened_rel(r)), shape=(n, pca.dim), chunks=(int(features.chunks[0]), pca.dim),
+                          shards=(shard_rows(features), pca.dim), dtype="float32", fill_value=float("nan"),
+                          compressors=None, storage_options=store.storage_options or None, overwrite=True)
+    store.mark_done(STAGE, r, "pca", {"rows": rows, "dim": pca.dim}, outputs=[pca_rel(r)])
+    for g in range(len(groups)):
+        store.forget(STAGE, r, moments_unit(g))
+        store.remove(moments_rel(r, g))
+    return {"rows": rows}
+
+
+def _fit(cfg: PipelineConfig, total: Moments) -> PCAWhitening:
+    return pca_from_moments(total, cfg.cluster.pca_dim, whiten=cfg.cluster.whiten)
+
+
+def ensure_pca(store: RunStore, cfg: PipelineConfig, r: int) -> PCAWhitening:
+    """The round's PCA-whitening: loaded when saved, else fitted in this process (the groups one after the other,
+    no records: the final model's round, which has no cluster stage, uses this) and saved."""
+    if not store.exists(pca_rel(r)):
+        array = open_round_features(store, r)
+        total = Moments(int(array.shape[1]))
+        for g in range(len(pca_groups(int(array.shape[0]), shard_rows(array)))):
+            total.merge(_moments(store, cfg, r, g))
+        store.write_bytes(pca_rel(r), _fit(cfg, total).to_bytes())
+    data = store.read_bytes(pca_rel(r))
+    with store.reading(pca_rel(r)):
+        return PCAWhitening.from_bytes(data)
 
 
 def whiten(pca: PCAWhitening, x: np.ndarray, rows: int = 4096) -> np.ndarray:
@@ -112,39 +197,52 @@ def open_whitened(store: RunStore, r: int, mode: str = "r") -> zarr.Array:
 
 
 def whitening_done(store: RunStore, r: int) -> bool:
-    return store.exists(clusters_rel(r, "whitened.json"))
+    return store.is_done(STAGE, r, "whitened")
 
 
-def whiten_round(store: RunStore, cfg: PipelineConfig, r: int, pca: PCAWhitening) -> zarr.Array:
-    """Write ``clusters/whitened.zarr`` shard by shard (skipping shards already done, redoing one whose record was
-    dropped, see ``stages.cluster``); returns the array."""
+def whiten_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[tuple[int, int]]:
+    """Runs of consecutive shards still to whiten (``runtime.block_rows`` rows at most each); a done shard whose
+    object went missing or changed size is redone."""
+    from deepercluster.clustering.sharded import round_blocks, shards_of
+
     done = set(store.done_units(STAGE, r))
-    if whitening_done(store, r):
-        shards = store.read_json(clusters_rel(r, "whitened.json"))["shards"]
-        if all(whiten_unit(s) in done for s in range(shards)):
-            return open_whitened(store, r)
+    done -= set(store.redo_bad_units(STAGE, r, [u for u in done if u.startswith("whiten-")]))
+    out = []
+    for b in round_blocks(store, cfg, r):
+        todo = [s for s in shards_of(b.unit) if whiten_unit(s) not in done]
+        if todo:
+            out.append((todo[0], todo[-1]))
+    return out
+
+
+def whiten_shards(store: RunStore, cfg: PipelineConfig, r: int, unit: tuple[int, int]) -> dict:
+    """Whiten feature shards ``unit`` (first, last) into ``whitened.zarr`` (one writer per zarr shard, a few
+    shards in flight), each shard recorded on its own with its object's size and checksum."""
+    pca = ensure_pca(store, cfg, r)
     features = open_round_features(store, r)
-    n = int(features.shape[0])
-    rows = shard_rows(features)
-    ranges = shard_ranges(n, rows)
-    if not store.exists(f"{whitened_rel(r)}/zarr.json"):
-        inner = int(features.chunks[0])
-        zarr.create_array(store.url(whitened_rel(r)), shape=(n, pca.dim), chunks=(inner, pca.dim),
-                          shards=(rows, pca.dim), dtype="float32", fill_value=float("nan"), compressors=None,
-                          storage_options=store.storage_options or None, overwrite=True)
+    ranges = shard_ranges(int(features.shape[0]), shard_rows(features))
     out = open_whitened(store, r, mode="r+")
 
     def one(s: int) -> None:
-        if whiten_unit(s) in done:
+        if store.is_done(STAGE, r, whiten_unit(s)):
             return
         lo, hi = ranges[s]
         out[lo:hi] = whiten(pca, checked(read_rows(store, features, features_rel(r), lo, hi), store, r, s, lo))
         store.mark_done(STAGE, r, whiten_unit(s), {"rows": [lo, hi]}, outputs=[zarr_shard_rel(whitened_rel(r), s)])
 
     with ThreadPoolExecutor(cfg.runtime.stream_threads) as pool:
-        list(pool.map(one, range(len(ranges))))
-    store.write_json(clusters_rel(r, "whitened.json"), {"rows": n, "dim": pca.dim, "shards": len(ranges)})
-    return out
+        list(pool.map(one, range(unit[0], unit[1] + 1)))
+    return {"shards": unit[1] - unit[0] + 1}
+
+
+def mark_whitened(store: RunStore, r: int) -> dict:
+    """Every shard is whitened: what readers of ``whitened.zarr`` check first."""
+    array = open_whitened(store, r)
+    info = {"rows": int(array.shape[0]), "dim": int(array.shape[1]), "shards": len(shard_ranges(
+        int(array.shape[0]), shard_rows(array)))}
+    store.write_json(clusters_rel(r, "whitened.json"), info)
+    store.mark_done(STAGE, r, "whitened", info, outputs=[clusters_rel(r, "whitened.json")])
+    return info
 
 
 def whitened_features(store: RunStore, cfg: PipelineConfig, r: int) -> np.ndarray:

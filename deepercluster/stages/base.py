@@ -2,9 +2,11 @@
 
 A stage's work is a list of :class:`Step`: each step lists the units still to do (cheap: it reads completion
 records) and runs one unit (the heavy work: a Dask task under Prefect, a plain call in-process). The steps run in
-order; a step lists its units only once the previous step's are all done. The last step writes the stage's
-completion record. Whoever runs a stage (:mod:`deepercluster.stages.runner` in-process, the Prefect flow
-``flows/stages.py`` on Dask) checks its fingerprint first (:mod:`deepercluster.stages.lineage`).
+order; a step lists its units only once the previous step's are all done. An iterative step (``again``: sharded
+Lloyd's iterations) lists its next batch once the last one ran, until it lists none (:meth:`Step.batches`). The
+last step writes the stage's completion record. Whoever runs a stage (:mod:`deepercluster.stages.runner`
+in-process, the Prefect flow ``flows/stages.py`` on Dask) checks its fingerprint first
+(:mod:`deepercluster.stages.lineage`).
 
 Adding a stage is one module: subclass :class:`Stage`, give it steps, and :func:`register` an instance (see
 ``tests/test_stages.py`` for a toy stage).
@@ -13,12 +15,12 @@ Adding a stage is one module: subclass :class:`Stage`, give it steps, and :func:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from deepercluster.config import PipelineConfig
-from deepercluster.errors import ConfigError
+from deepercluster.errors import ConfigError, StoreError
 from deepercluster.store import RunStore
 
 log = logging.getLogger("deepercluster")
@@ -66,6 +68,20 @@ class Step:
     resources: Callable[[PipelineConfig], dict[str, int] | None] | None = None  # overrides ``gpu``
     retries: int = 0
     retry_user_errors: bool = False  # retry even a DeeperClusterError (training: a retry resumes a checkpoint)
+    again: bool = False  # list the units again once a batch ran, until none is left (an iterative step)
+
+    def batches(self, store: RunStore, cfg: PipelineConfig, r: Round) -> Iterator[list[Unit]]:
+        """The step's units, batch by batch: one batch, or (``again``) a batch after each until ``todo`` lists
+        none. A batch listed twice in a row made no progress: a StoreError, not a loop."""
+        last: list[Unit] | None = None
+        while todo := list(self.todo(store, cfg, r)):
+            if todo == last:
+                raise StoreError(f"step {self.name} still lists {', '.join(map(self.label, todo[:3]))} after "
+                                 "running them: its units record nothing (a bug, or a store that drops writes)")
+            yield todo
+            if not self.again:
+                return
+            last = todo
 
 
 def until_done(stage: str, unit: str = "finalize") -> Callable[[RunStore, PipelineConfig, Round], list[str]]:

@@ -1,29 +1,32 @@
-"""The cluster stage: features -> PCA-whitening -> level-1 k-means (m super-clusters) -> level-2 k-means per
-super-cluster -> ``assignments.parquet``. Steps: whitening and level 1 (one unit); one unit per super-cluster
-(GPU=1 each); merging the units into the assignments and the statistics (one unit). Resuming re-checks the
-sizes of the done units' recorded outputs (one listing): a unit whose file is missing or resized is redone, and a
-whitened shard's loss redoes level 1 (which whitens the missing shards)."""
+"""The cluster stage: features -> PCA-whitening -> level 1 (m super-clusters, or the flat k-means) -> level 2 per
+super-cluster -> ``assignments.parquet``. Every step is units for any worker, none of whose memory grows with the
+number of images but level 2's (its super-cluster's members, within ``runtime.memory_budget_mb`` or streamed):
+
+1. ``moments`` (one unit per shard group) and ``pca`` (their sum, the fit): the PCA-whitening;
+2. ``whiten`` (one unit per ``runtime.block_rows`` rows of shards) and ``whitened``;
+3. ``kmeans``: level 1, sharded Lloyd (listed again after each batch: an iteration's blocks, then its reduce, ...),
+   one unit when its rows fit one block or it is fitted on a sample; checkpointed after every iteration;
+4. ``assign``: level 1's labels of every image (one unit per block);
+5. ``supers``: level 2, one unit per super-cluster (GPU=1 each), checkpointed after every iteration;
+6. ``finalize``: the merge into the assignments and the statistics.
+
+Resuming re-checks the sizes of the done units' recorded outputs (one listing): a unit whose file is missing or
+resized is redone alone (the whitening and the labels are deterministic: the same bytes).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from deepercluster.clustering import sharded
 from deepercluster.clustering import stage as lib
+from deepercluster.clustering import whitening as white
 from deepercluster.config import PipelineConfig
-from deepercluster.stages.base import Reporter, Round, Stage, Step, register, until_done
+from deepercluster.errors import DataError
+from deepercluster.stages.base import Round, Stage, Step, register, until_done
 from deepercluster.store import RunStore
-
-
-def _level1_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    done = store.done_units(lib.STAGE, r)
-    if lib.LEVEL1_UNIT in done:
-        checked = [u for u in done if u == lib.LEVEL1_UNIT or u.startswith("whiten-")]
-        if store.redo_bad_units(lib.STAGE, r, checked):
-            store.forget(lib.STAGE, r, lib.LEVEL1_UNIT)  # level 1 whitens what is missing, then clusters again
-        else:
-            return []
-    return [lib.LEVEL1_UNIT]
 
 
 def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
@@ -33,8 +36,26 @@ def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
     return [s for s in range(cfg.cluster.super_clusters) if lib.super_unit(s) not in done]
 
 
-def _level1(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Reporter) -> int:
-    return len(lib.prepare_cluster(store, cfg, r))
+def _discarding(fn: Callable[[RunStore, PipelineConfig, Round, Any], Any]) -> Callable[..., Any]:
+    """A unit that reads the features: non-finite features (a DataError) discard the whole stage before the
+    error goes up, so that nothing half-made of them stays in the store."""
+
+    def run(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Any) -> Any:
+        try:
+            return fn(store, cfg, r, unit)
+        except DataError:
+            lib.discard_cluster(store, r)
+            raise
+
+    return run
+
+
+def _pca_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if store.is_done(lib.STAGE, r, "pca") else ["pca"]
+
+
+def _whitened_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if white.whitening_done(store, r) else ["whitened"]
 
 
 @dataclass
@@ -49,7 +70,15 @@ class ClusterStage(Stage):
 
     def steps(self) -> list[Step]:
         return [
-            Step(lib.LEVEL1_UNIT, _level1_todo, _level1, gpu=True),
+            Step("moments", white.moments_todo, _discarding(white.group_moments), label=lambda g: f"group-{g:02d}"),
+            Step("pca", _pca_todo, lambda store, cfg, r, u, rep: white.fit_pca_unit(store, cfg, r)),
+            Step("whiten", white.whiten_todo, _discarding(white.whiten_shards), label=sharded.block_label),
+            Step("whitened", _whitened_todo, lambda store, cfg, r, u, rep: white.mark_whitened(store, r)),
+            Step("kmeans", sharded.kmeans_todo, lambda store, cfg, r, u, rep: sharded.run_kmeans_unit(store, cfg, r, u),
+                 label=sharded.kmeans_label, gpu=True, again=True),
+            Step("assign", sharded.assign_todo,
+                 lambda store, cfg, r, u, rep: sharded.run_assign_unit(store, cfg, r, u), label=sharded.block_label,
+                 gpu=True),
             Step("supers", _supers_todo, lambda store, cfg, r, s, rep: lib.cluster_super(store, cfg, r, s),
                  label=lib.super_unit, gpu=True, retries=1),
             Step("finalize", until_done(lib.STAGE), lambda store, cfg, r, u, rep: lib.finalize_cluster(store, cfg, r)),

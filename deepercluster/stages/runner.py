@@ -109,11 +109,11 @@ def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, 
     def run_units() -> tuple[int, float]:
         units, cpu = 0, 0.0
         for step in stage.steps():
-            todo = list(step.todo(store, cfg, r))
-            for i, unit in enumerate(todo, start=1):
-                cpu += timed(lambda: step.run(store, cfg, r, unit, report))[1]  # noqa: B023
-                emit("units", label=round_label(name, r), step=step.name, done=i, total=len(todo))
-            units += len(todo)
+            for todo in step.batches(store, cfg, r):
+                for i, unit in enumerate(todo, start=1):
+                    cpu += timed(lambda: step.run(store, cfg, r, unit, report))[1]  # noqa: B023
+                    emit("units", label=round_label(name, r), step=step.name, done=i, total=len(todo))
+                units += len(todo)
         return units, cpu
 
     run_framed(store, cfg, stage, r, force, run_units)

@@ -1,0 +1,398 @@
+"""The k-means over every image of a round (level 1, or the flat k-means when there is one super-cluster), split
+into units that run anywhere: never a whole-N array in one process.
+
+Its rows are the whitened features, in **blocks** of consecutive image shards of at most ``runtime.block_rows``
+rows. Three ways to run it, all with the same result:
+
+- **sampled** (level 1 with ``cluster.super_sample``): one unit fits it on a seeded random sample (memory bounded
+  by the sample, not by N);
+- **one unit**, when every row is in one block: Lloyd in that unit (in memory within ``runtime.memory_budget_mb``,
+  else streamed shard by shard);
+- **sharded Lloyd** otherwise: an iteration is one unit per block (its exact cluster sums and counts under the
+  current centroids, :func:`~deepercluster.clustering.kmeans.block_sums`) and one ``reduce`` unit that adds them
+  and writes the next centroids. The sums are exact, so the result is bit-identical whatever the number of blocks
+  or workers, and to the one-unit run.
+
+After every iteration the state (centroids, iteration, generator state, see :class:`LloydState`) is saved as a
+checkpoint (``clusters/kmeans/<name>.npz`` with its record ``ckpt-<name>``): a killed k-means resumes at its last
+saved iteration and ends bit-identical to an uninterrupted one. Then the ``assign`` step labels every row, one unit
+per block, one ``level1/labels-<shard>.npy`` (and ``distance-<shard>.npy`` for the flat k-means) per image shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from deepercluster.clustering.assign import NearestCentroid, exact_sq_distances, resolve_backend
+from deepercluster.clustering.kmeans import (
+    ArrayVectors,
+    LloydState,
+    block_sums,
+    initial_state,
+    iterate,
+    update,
+)
+from deepercluster.clustering.memory import bound_heap, release
+from deepercluster.clustering.vectors import ShardedVectors, members_by_shard, read_rows, shard_ranges, shard_rows
+from deepercluster.clustering.whitening import STAGE, _seed, open_whitened
+from deepercluster.config import PipelineConfig
+from deepercluster.errors import StoreError
+from deepercluster.paths import clusters_rel, whitened_rel
+from deepercluster.store import RunStore
+
+LEVEL1 = "level1"
+BYTES_PER_MEMBER = 20  # labels (int64) + distance (float64) + squared norm (float32) kept for every row of a unit
+
+
+# ---- blocks ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """Image shards ``first..last`` (inclusive), rows ``[lo, hi)``."""
+
+    first: int
+    last: int
+    lo: int
+    hi: int
+
+    @property
+    def unit(self) -> tuple[int, int]:
+        return (self.first, self.last)
+
+
+def blocks(n: int, rows_per_shard: int, block_rows: int) -> list[Block]:
+    """Consecutive shards grouped into blocks of at most ``block_rows`` rows (at least one shard each)."""
+    ranges = shard_ranges(n, rows_per_shard)
+    per = max(1, block_rows // rows_per_shard)
+    return [Block(a, min(a + per, len(ranges)) - 1, ranges[a][0], ranges[min(a + per, len(ranges)) - 1][1])
+            for a in range(0, len(ranges), per)]
+
+
+def round_blocks(store: RunStore, cfg: PipelineConfig, r: int) -> list[Block]:
+    array = open_whitened(store, r)
+    return blocks(int(array.shape[0]), shard_rows(array), cfg.runtime.block_rows)
+
+
+def block_label(unit: tuple[int, int]) -> str:
+    a, b = unit
+    return f"shard-{a:05d}" if a == b else f"shards-{a:05d}-{b:05d}"
+
+
+def shards_of(unit: tuple[int, int]) -> range:
+    return range(unit[0], unit[1] + 1)
+
+
+# ---- the job --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One k-means over all rows: ``k`` clusters, ``niter`` iterations, fitted on ``fit_rows`` random rows (0: all),
+    exact distances in its assignment or the float32 search's."""
+
+    name: str
+    k: int
+    niter: int
+    seed: tuple[int, ...]  # the SeedSequence entropy
+    fit_rows: int
+    exact_distances: bool
+
+    def seed_sequence(self) -> np.random.SeedSequence:
+        return np.random.SeedSequence(list(self.seed))
+
+
+def level1_job(cfg: PipelineConfig, r: int) -> Job:
+    """Level 1 (m super-clusters, fitted on a sample), or with m = 1 the flat k-means (every row, exact distances,
+    the seed the level-2 unit of super-cluster 0 would use)."""
+    m = cfg.cluster.super_clusters
+    if m > 1:
+        return Job(LEVEL1, m, cfg.cluster.niter, tuple(_seed(cfg, r, 1).entropy), m * cfg.cluster.super_sample,
+                   exact_distances=False)
+    return Job(LEVEL1, cfg.cluster.k, cfg.cluster.niter, tuple(_seed(cfg, r, 2, 0).entropy), 0,
+               exact_distances=True)
+
+
+def sampled(job: Job, n: int) -> bool:
+    return 0 < job.fit_rows < n
+
+
+def done_unit(name: str) -> str:
+    return f"kmeans-{name}"
+
+
+def centroids_rel(r: int, name: str) -> str:
+    return clusters_rel(r, f"{name}_centroids.npy")
+
+
+def labels_rel(r: int, shard: int) -> str:
+    return clusters_rel(r, f"level1/labels-{shard:05d}.npy")
+
+
+def distance_rel(r: int, shard: int) -> str:
+    return clusters_rel(r, f"level1/distance-{shard:05d}.npy")
+
+
+def assign_unit(shard: int) -> str:
+    return f"assign-{shard:05d}"
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+def checkpoint_rel(r: int, name: str) -> str:
+    return clusters_rel(r, f"kmeans/{name}.npz")
+
+
+def checkpoint_unit(name: str) -> str:
+    return f"ckpt-{name}"
+
+
+def save_checkpoint(store: RunStore, r: int, name: str, state: LloydState) -> None:
+    """The state after an iteration: the file (atomic), then its record (the iteration, for whoever inspects)."""
+    buf = io.BytesIO()
+    np.savez(buf, centroids=state.centroids, meta=np.frombuffer(json.dumps(state.meta()).encode(), dtype=np.uint8))
+    store.write_bytes(checkpoint_rel(r, name), buf.getvalue())
+    store.mark_done(STAGE, r, checkpoint_unit(name), {"iteration": state.iteration},
+                    outputs=[checkpoint_rel(r, name)])
+
+
+def load_checkpoint(store: RunStore, r: int, name: str) -> LloydState | None:
+    """The last saved state (None: none yet). The file, written atomically, is what counts (its record may lag)."""
+    rel = checkpoint_rel(r, name)
+    if not store.exists(rel):
+        return None
+    data = store.read_bytes(rel)
+    with store.reading(rel):
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = json.loads(z["meta"].tobytes())
+        return LloydState(meta["iteration"], z["centroids"], meta["rng_state"], meta["repairs"], meta["rechecked"],
+                          meta["history"])
+
+
+def finish(store: RunStore, r: int, job: Job, state: LloydState, info: dict) -> None:
+    """Record the k-means done: its final centroids (float64 in the checkpoint, float32 for readers)."""
+    save_checkpoint(store, r, job.name, state)
+    store.write_npy(centroids_rel(r, job.name), state.centroids.astype(np.float32))
+    store.mark_done(STAGE, r, done_unit(job.name),
+                    {"k": int(len(state.centroids)), "iterations": state.iteration, "repairs": state.repairs,
+                     "rechecked": state.rechecked, "history": state.history, **info},
+                    outputs=[centroids_rel(r, job.name)])
+
+
+# ---- the kmeans step ------------------------------------------------------------------------------------------------
+def part_unit(name: str, block: Block) -> str:
+    return f"part-{name}-{block.first:05d}"
+
+
+def part_rel(r: int, name: str, block: Block) -> str:
+    return clusters_rel(r, f"kmeans/{name}-part-{block.first:05d}.npz")
+
+
+def kmeans_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[object]:
+    """What the k-means still needs: nothing; ``fit`` (sampled or one block: one unit); or, sharded, ``init``, the
+    blocks whose share of the current iteration is missing, or the ``reduce`` of that iteration."""
+    job = level1_job(cfg, r)
+    if store.is_done(STAGE, r, done_unit(job.name)):
+        return []
+    parts = round_blocks(store, cfg, r)
+    n = parts[-1].hi
+    if sampled(job, n) or len(parts) == 1:
+        return ["fit"]
+    state = load_checkpoint(store, r, job.name)
+    if state is None:
+        return ["init"]
+    records = store.done_records(STAGE, r, [part_unit(job.name, b) for b in parts])
+    missing = [b.unit for b in parts if not _current(records.get(part_unit(job.name, b)), state.iteration, b)]
+    return missing or ["reduce"]
+
+
+def _current(record: dict | None, iteration: int, block: Block) -> bool:
+    return record is not None and record.get("iteration") == iteration and record.get("shards") == [block.first,
+                                                                                                     block.last]
+
+
+def kmeans_label(unit: object) -> str:
+    return block_label(unit) if isinstance(unit, tuple) else str(unit)  # type: ignore[arg-type]
+
+
+def run_kmeans_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: object) -> dict:
+    job = level1_job(cfg, r)
+    bound_heap()
+    try:
+        if unit == "fit":
+            return _fit(store, cfg, r, job)
+        if unit == "init":
+            state = initial_state(_all_rows(store, cfg, r), job.k, job.seed_sequence())
+            save_checkpoint(store, r, job.name, state)
+            return {"iteration": 0}
+        if unit == "reduce":
+            return _reduce(store, cfg, r, job)
+        return _part(store, cfg, r, job, Block(*unit, *_rows(store, r, unit)))  # type: ignore[misc]
+    finally:
+        release()
+
+
+def _all_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray | None = None) -> ShardedVectors:
+    array = open_whitened(store, r)
+    return ShardedVectors(array, members_by_shard(int(array.shape[0]), shard_rows(array), ids),
+                          threads=cfg.runtime.stream_threads, store=store, rel=whitened_rel(r))
+
+
+def _rows(store: RunStore, r: int, unit: tuple[int, int]) -> tuple[int, int]:
+    array = open_whitened(store, r)
+    ranges = shard_ranges(int(array.shape[0]), shard_rows(array))
+    return ranges[unit[0]][0], ranges[unit[1]][1]
+
+
+def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
+    """Whether ``n`` whitened vectors of width ``dim`` (plus their labels and distances) fit the memory budget."""
+    return n * (4 * dim + BYTES_PER_MEMBER) <= cfg.runtime.memory_budget_mb * 2**20
+
+
+def _fit(store: RunStore, cfg: PipelineConfig, r: int, job: Job) -> dict:
+    """The k-means in this unit, saving a checkpoint after every iteration and resuming from the last one."""
+    source = _all_rows(store, cfg, r)
+    seed = job.seed_sequence()
+    streamed = False
+    if sampled(job, source.n):  # the sample and the fit draw from their own streams (as lloyd_on_sample does)
+        sample_seed, seed = seed.spawn(2)
+        rows = np.sort(np.random.default_rng(sample_seed).choice(source.n, size=job.fit_rows, replace=False))
+        data = ArrayVectors(source.take(rows))
+    elif fits_in_memory(cfg, source.n, source.dim):
+        data = ArrayVectors(source.gather())
+    else:
+        data, streamed = source, True
+    resume = load_checkpoint(store, r, job.name)
+    start = 0 if resume is None else resume.iteration
+    state = resume if resume is not None else initial_state(data, job.k, seed)
+    state = iterate(data, state, job.niter, resolve_backend(cfg.runtime.device),
+                    on_iteration=lambda s: save_checkpoint(store, r, job.name, s))
+    finish(store, r, job, state, {"streamed": streamed, "resumed_at": start, "rows": int(data.n)})
+    return {"iterations": state.iteration, "resumed_at": start}
+
+
+def _part(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: Block) -> dict:
+    """One block's share of the current iteration: exact sums and counts under the checkpoint's centroids."""
+    state = load_checkpoint(store, r, job.name)
+    if state is None:
+        raise StoreError(f"k-means {job.name} of round {r}: no checkpoint to compute iteration shares from")
+    array = open_whitened(store, r)
+    members = [m for m in members_by_shard(int(array.shape[0]), shard_rows(array)) if m.shard in shards_of(block.unit)]
+    source = ShardedVectors(array, members, threads=cfg.runtime.stream_threads, store=store, rel=whitened_rel(r))
+    backend = resolve_backend(cfg.runtime.device)
+    sums = np.zeros_like(state.centroids)
+    counts = np.zeros(len(state.centroids), dtype=np.int64)
+    approx, rechecked = 0.0, 0
+    for _, x in source.blocks():
+        s, c, a, checked = block_sums(x, state.centroids, backend)
+        sums += s
+        counts += c
+        approx += a
+        rechecked += checked
+    buf = io.BytesIO()
+    np.savez(buf, sums=sums, counts=counts, iteration=state.iteration, approx=approx, rechecked=rechecked)
+    store.write_bytes(part_rel(r, job.name, block), buf.getvalue())
+    store.mark_done(STAGE, r, part_unit(job.name, block),
+                    {"iteration": state.iteration, "shards": [block.first, block.last]},
+                    outputs=[part_rel(r, job.name, block)])
+    return {"iteration": state.iteration, "rows": block.hi - block.lo}
+
+
+def _reduce(store: RunStore, cfg: PipelineConfig, r: int, job: Job) -> dict:
+    """Add every block's share (exact: any order gives the same bits; block order here) and save the next
+    iteration's checkpoint; after the last iteration, the k-means is done."""
+    state = load_checkpoint(store, r, job.name)
+    assert state is not None
+    sums = np.zeros_like(state.centroids)
+    counts = np.zeros(len(state.centroids), dtype=np.int64)
+    approx, rechecked = 0.0, 0
+    for block in round_blocks(store, cfg, r):
+        rel = part_rel(r, job.name, block)
+        data = store.read_bytes(rel)
+        with store.reading(rel):
+            z = np.load(io.BytesIO(data), allow_pickle=False)
+            if int(z["iteration"]) != state.iteration:
+                raise StoreError(f"{store.url(rel)} is the share of iteration {int(z['iteration'])}, not "
+                                 f"{state.iteration}: rerun the cluster stage (it recomputes it)")
+            sums += z["sums"]
+            counts += z["counts"]
+            approx += float(z["approx"])
+            rechecked += int(z["rechecked"])
+    state = update(state, sums, counts, approx, rechecked)
+    if state.iteration >= job.niter:
+        finish(store, r, job, state, {"streamed": True, "blocks": len(round_blocks(store, cfg, r)),
+                                      "rows": int(counts.sum())})
+    else:
+        save_checkpoint(store, r, job.name, state)
+    return {"iteration": state.iteration}
+
+
+# ---- the assign step ------------------------------------------------------------------------------------------------
+def assign_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[tuple[int, int]]:
+    """Blocks holding a shard without its labels (a done shard whose file went missing is redone)."""
+    done = set(store.done_units(STAGE, r))
+    labelled = [u for u in done if u.startswith("assign-")]
+    done -= set(store.redo_bad_units(STAGE, r, labelled))
+    out = []
+    for b in round_blocks(store, cfg, r):
+        todo = [s for s in shards_of(b.unit) if assign_unit(s) not in done]
+        if todo:
+            out.append((todo[0], todo[-1]))
+    return out
+
+
+def run_assign_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: tuple[int, int]) -> dict:
+    """Label the rows of shards ``unit`` with the k-means' final centroids (and, for the flat k-means, their exact
+    distances, the same bits whatever the batching); one file and one record per shard."""
+    job = level1_job(cfg, r)
+    state = load_checkpoint(store, r, job.name)
+    if state is None or not store.is_done(STAGE, r, done_unit(job.name)):
+        raise StoreError(f"cluster round {r}: the k-means {job.name} is not done: rerun the cluster stage")
+    array = open_whitened(store, r)
+    ranges = shard_ranges(int(array.shape[0]), shard_rows(array))
+    nc = NearestCentroid(state.centroids, resolve_backend(cfg.runtime.device))
+    inertia, rows = 0.0, 0
+    for s in shards_of(unit):
+        if store.is_done(STAGE, r, assign_unit(s)):
+            continue
+        lo, hi = ranges[s]
+        x = _checked_rows(store, array, r, s, lo, hi)
+        labels, dist = nc.assign(x)
+        outputs = [labels_rel(r, s)]
+        store.write_npy(outputs[0], labels.astype(np.int32))
+        if job.exact_distances:
+            dist = exact_sq_distances(x, nc.centroids, labels, np.float32)
+            outputs.append(distance_rel(r, s))
+            store.write_npy(outputs[1], dist.astype(np.float32))
+        part = float(np.asarray(dist, dtype=np.float64).sum())
+        store.mark_done(STAGE, r, assign_unit(s), {"inertia": part, "rows": hi - lo}, outputs=outputs)
+        inertia += part
+        rows += hi - lo
+    return {"rows": rows, "inertia": inertia}
+
+
+def _checked_rows(store: RunStore, array, r: int, s: int, lo: int, hi: int) -> np.ndarray:
+    x = np.asarray(read_rows(store, array, whitened_rel(r), lo, hi), dtype=np.float32)
+    if not np.isfinite(x).all():
+        from deepercluster.clustering.vectors import raise_if_missing
+
+        raise_if_missing(store, whitened_rel(r), [s])
+    return x
+
+
+def read_labels(store: RunStore, r: int, shard: int) -> np.ndarray:
+    return store.read_npy(labels_rel(r, shard))
+
+
+def level1_stats(store: RunStore, r: int, n_shards: int) -> dict:
+    """The k-means' record and the inertia of its assignment (the sum over its shards' records)."""
+    record = store.done_record(STAGE, r, done_unit(LEVEL1)) or {}
+    shards = store.done_records(STAGE, r, [assign_unit(s) for s in range(n_shards)])
+    inertia = float(sum(rec.get("inertia", 0.0) for rec in shards.values()))
+    return {"k": record.get("k"), "inertia": inertia, "repairs": record.get("repairs", 0),
+            "streamed": record.get("streamed", False), "rechecked": record.get("rechecked", 0),
+            "iterations": record.get("iterations"), "resumed_at": record.get("resumed_at", 0)}
+
+
+__all__ = ["LEVEL1", "Block", "Job", "assign_todo", "blocks", "centroids_rel", "kmeans_label",
+           "kmeans_todo", "level1_job", "level1_stats", "load_checkpoint", "read_labels", "run_assign_unit",
+           "run_kmeans_unit", "save_checkpoint"]
