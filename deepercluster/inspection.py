@@ -94,6 +94,77 @@ def cluster_sizes(assignments: pd.DataFrame, n_targets: int | None = None) -> pd
     return sizes.sort_values(["size", "target"], ascending=[False, True], ignore_index=True)
 
 
+def streamed_cluster_sizes(store: RunStore, r: int, n_targets: int | None = None) -> pd.DataFrame:
+    """:func:`cluster_sizes` of round ``r`` read from the store without holding its assignments: they and the
+    manifest's labels are streamed in step, row group by row group (memory: per target, not per image)."""
+    from deepercluster.clustering.stage import assignments_rel
+    from deepercluster.data.shard import MANIFEST
+    from deepercluster.evaluation.contingency import NA, PairCounts, aligned_parts
+
+    rel = assignments_rel(r)
+    size = np.zeros(0, dtype=np.int64)
+    sup, sub = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    labelled = PairCounts()
+    sources = [(rel, "target"), (rel, "super"), (rel, "sub"), (MANIFEST, "label_id")]
+    for target, s, c, label in aligned_parts(store, sources):
+        top = int(target.max(initial=-1)) + 1
+        if top > len(size):
+            size, sup, sub = (np.concatenate([a, np.zeros(top - len(a), dtype=np.int64)]) for a in (size, sup, sub))
+        size += np.bincount(target, minlength=len(size))
+        sup[target], sub[target] = s, c
+        known = label != NA
+        labelled.add(target[known], label[known])
+    present = np.flatnonzero(size)
+    out = pd.DataFrame({"target": present, "super": sup[present], "sub": sub[present], "size": size[present]})
+    if labelled.total:
+        names = _label_names(store)
+        a, b = labelled.codes >> 32, labelled.codes & 0xFFFFFFFF
+        # the largest count of each target, ties to the smallest label id (the smallest name: ids follow names)
+        order = np.lexsort((b, -labelled.counts, a))
+        first = order[np.r_[True, a[order][1:] != a[order][:-1]]]
+        top_of = pd.DataFrame({"target": a[first], "top_label": [names.get(int(i)) for i in b[first]],
+                               "n": labelled.counts[first]})
+        out = out.merge(top_of, on="target", how="left")
+        out["purity"] = out["n"] / out["size"]
+        out = out.drop(columns="n")
+    if n_targets is not None:
+        empty = sorted(set(range(n_targets)) - set(present.tolist()))
+        if empty:
+            out = pd.concat([out, pd.DataFrame({"target": empty, "size": 0})], ignore_index=True)
+    out["size"] = out["size"].astype(int)
+    return out.sort_values(["size", "target"], ascending=[False, True], ignore_index=True)
+
+
+def _label_names(store: RunStore) -> dict[int, str]:
+    """label_id -> label name, from one streamed pass over the manifest's two label columns."""
+    from deepercluster.data.shard import MANIFEST
+
+    names: dict[int, str] = {}
+    for part in store.iter_parquet(MANIFEST, columns=["label", "label_id"]):
+        pairs = part.dropna().drop_duplicates()
+        names.update(zip(pairs["label_id"].astype(int), pairs["label"], strict=True))
+    return names
+
+
+def closest_members(store: RunStore, r: int, targets: list[int], per_cluster: int) -> pd.DataFrame:
+    """The ``per_cluster`` images of each of ``targets`` closest to its centroid (``image_id, target, distance,
+    uri``), streaming the assignments: only those candidates are held, then their URIs are looked up."""
+    from deepercluster.clustering.stage import assignments_rel
+    from deepercluster.data.shard import MANIFEST
+    from deepercluster.evaluation.sample import rows_at
+
+    best = pd.DataFrame({"image_id": [], "target": [], "distance": []})
+    wanted = np.asarray(targets, dtype=np.int64)
+    for part in store.iter_parquet(assignments_rel(r), columns=["image_id", "target", "distance"]):
+        part = part[np.isin(part["target"].to_numpy(), wanted)]
+        if len(part):
+            best = pd.concat([best, part], ignore_index=True).sort_values(["target", "distance", "image_id"])
+            best = best.groupby("target", sort=False).head(per_cluster)
+    best = best.astype({"image_id": np.int64, "target": np.int64}).sort_values("image_id", ignore_index=True)
+    best["uri"] = rows_at(store, MANIFEST, best["image_id"].to_numpy(), ["uri"])["uri"].tolist() if len(best) else []
+    return best
+
+
 def top_and_bottom(sizes: pd.DataFrame, n: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``n`` largest clusters, and the ``n`` smallest non-empty ones (smallest first)."""
     non_empty = sizes[sizes["size"] > 0]
@@ -227,9 +298,10 @@ def last_clustered_round(store: RunStore, rounds: int) -> int | None:
 def inspect_round(store: RunStore, r: int, n_targets: int | None = None, galleries: int = 8, per_cluster: int = 16,
                   n_top: int = 5, tile: int = 64) -> RoundInspection:
     """Cluster sizes, top and bottom clusters and galleries of ``galleries`` sampled clusters of round ``r``, plus the
-    metrics plot; the PNGs are written into the store."""
-    a = load_assignments(store, r)
-    sizes = cluster_sizes(a, n_targets)
+    metrics plot; the PNGs are written into the store. Memory does not grow with the number of images (it runs in
+    the flow process after an evaluate stage): the assignments are streamed."""
+    sizes = streamed_cluster_sizes(store, r, n_targets)
     top, bottom = top_and_bottom(sizes, n_top)
-    written = write_galleries(store, r, sample_clusters(sizes, galleries), a, per_cluster, tile)
+    targets = sample_clusters(sizes, galleries)
+    written = write_galleries(store, r, targets, closest_members(store, r, targets, per_cluster), per_cluster, tile)
     return RoundInspection(r, sizes, top, bottom, int((sizes["size"] == 0).sum()), written, write_metrics_plot(store))

@@ -43,6 +43,16 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
     clustered = history[history["round"] < 2]
     assert clustered["nmi_labels"].between(0, 1).all() and clustered["nmi_prev"].notna().tolist() == [False, True]
     assert history["knn_acc"].between(0, 1).all() and history["knn_whitened_acc"].between(0, 1).all()
+    # the heavy work ran on the Dask workers, none of it in this (the flow's) process: every unit of the PCA, the
+    # whitening, the k-means (iterations, labels, level 2) and the evaluation records its process
+    import os
+
+    for stage, r in (("cluster", 0), ("cluster", 1), ("evaluate", 0), ("evaluate", 2)):
+        pids = {u: rec["pid"] for u, rec in store.done_records(stage, r, store.done_units(stage, r)).items()}
+        assert pids and os.getpid() not in pids.values(), (stage, r, pids)
+    units = set(store.done_units("cluster", 0))
+    assert {"pca", "whitened", "kmeans-level1", "super-0000", "whiten-00000", "assign-00000"} <= units
+    assert {"cluster-metrics", "probes"} <= set(store.done_units("evaluate", 0))
 
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()

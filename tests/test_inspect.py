@@ -20,10 +20,12 @@ from deepercluster.data.images import decode, read_bytes
 from deepercluster.inspection import (
     GALLERY_BACKGROUND,
     METRICS_PLOT,
+    closest_members,
     cluster_sizes,
     gallery_rel,
     gallery_size,
     sample_clusters,
+    streamed_cluster_sizes,
     top_and_bottom,
     write_galleries,
     write_metrics_plot,
@@ -77,6 +79,12 @@ def test_cluster_sizes_top_and_bottom(clustered_run):
     biggest = sizes.iloc[0]["target"]
     purity = (a[a["target"] == biggest]["label"] == sizes.iloc[0]["top_label"]).mean()
     assert sizes.iloc[0]["purity"] == pytest.approx(purity)
+    # what the flow process shows, streamed without holding the assignments: the same table
+    pd.testing.assert_frame_equal(streamed_cluster_sizes(store, 0, cfg.cluster.n_targets), sizes, check_dtype=False)
+    closest = closest_members(store, 0, [int(biggest)], 4)
+    expected = a[a["target"] == biggest].sort_values(["distance", "image_id"]).head(4)
+    assert sorted(closest["image_id"]) == sorted(expected["image_id"])
+    assert closest.set_index("image_id").loc[expected["image_id"], "uri"].tolist() == expected["uri"].tolist()
     top, bottom = top_and_bottom(sizes, 3)
     assert top["size"].tolist() == sorted(counts, reverse=True)[:3]
     assert bottom["size"].tolist() == sorted(counts)[:3]
