@@ -131,6 +131,9 @@ def make_store(root: Path, n: int, dim: int, shard: int, seed: int = 0) -> None:
         hi = min(lo + shard, n)
         block = centers[rng.integers(0, 64, hi - lo)] + rng.normal(size=(hi - lo, dim)).astype(np.float32)
         array[lo:hi] = block.astype(np.float16)
+    from deepercluster.store import RunStore
+
+    RunStore(str(root)).mark_stage_done("extract", 0)  # the cluster stage reads the extract stage's outputs
 
 
 def child(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -327,17 +328,25 @@ def _reduce(store: RunStore, cfg: PipelineConfig, r: int, job: Job) -> dict:
 
 
 # ---- the assign step ------------------------------------------------------------------------------------------------
-def assign_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[tuple[int, int]]:
-    """Blocks holding a shard without its labels (a done shard whose file went missing is redone)."""
+def shard_blocks_todo(store: RunStore, cfg: PipelineConfig, r: int, unit_of: Callable[[int], str]) \
+        -> list[tuple[int, int]]:
+    """The todo of a step with one record per shard (``unit_of(shard)``) and one unit per block: the blocks still
+    holding a shard without its record, as (first, last) of those shards. A done shard whose recorded file went
+    missing or changed size is forgotten first, so it is redone."""
     done = set(store.done_units(STAGE, r))
-    labelled = [u for u in done if u.startswith("assign-")]
-    done -= set(store.redo_bad_units(STAGE, r, labelled))
+    prefix = unit_of(0).rsplit("-", 1)[0] + "-"
+    done -= set(store.redo_bad_units(STAGE, r, [u for u in done if u.startswith(prefix)]))
     out = []
     for b in round_blocks(store, cfg, r):
-        todo = [s for s in shards_of(b.unit) if assign_unit(s) not in done]
+        todo = [s for s in shards_of(b.unit) if unit_of(s) not in done]
         if todo:
             out.append((todo[0], todo[-1]))
     return out
+
+
+def assign_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[tuple[int, int]]:
+    """Blocks holding a shard without its labels."""
+    return shard_blocks_todo(store, cfg, r, assign_unit)
 
 
 def run_assign_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: tuple[int, int]) -> dict:

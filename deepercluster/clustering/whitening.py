@@ -203,16 +203,9 @@ def whitening_done(store: RunStore, r: int) -> bool:
 def whiten_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[tuple[int, int]]:
     """Runs of consecutive shards still to whiten (``runtime.block_rows`` rows at most each); a done shard whose
     object went missing or changed size is redone."""
-    from deepercluster.clustering.sharded import round_blocks, shards_of
+    from deepercluster.clustering.sharded import shard_blocks_todo
 
-    done = set(store.done_units(STAGE, r))
-    done -= set(store.redo_bad_units(STAGE, r, [u for u in done if u.startswith("whiten-")]))
-    out = []
-    for b in round_blocks(store, cfg, r):
-        todo = [s for s in shards_of(b.unit) if whiten_unit(s) not in done]
-        if todo:
-            out.append((todo[0], todo[-1]))
-    return out
+    return shard_blocks_todo(store, cfg, r, whiten_unit)
 
 
 def whiten_shards(store: RunStore, cfg: PipelineConfig, r: int, unit: tuple[int, int]) -> dict:
