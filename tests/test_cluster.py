@@ -350,21 +350,25 @@ def _with_runtime(cfg, **runtime):
 def test_sharded_level1_gives_the_one_unit_assignments(extracted, cluster):
     """Level 1 split over blocks of 80 rows (3 blocks: sharded Lloyd, an iteration = 3 block units + a reduce) gives
     the bits of the one-unit k-means: exact sums are the same in any split. Fitted on a sample, only the assignment
-    is split."""
+    is split. With a memory budget below every super-cluster, level 2 is sharded Lloyd too: the same bits."""
     one, cfg = extracted("one", **cluster)
     split, _ = extracted("split", **cluster)
     ref = run_stage(one, cfg, "cluster", 0)
-    out = run_stage(split, _with_runtime(cfg, block_rows=80), "cluster", 0)
+    out = run_stage(split, _with_runtime(cfg, block_rows=80, memory_budget_mb=0.001), "cluster", 0)
+    if cluster["super_clusters"] > 1:
+        assert out["level2"]["streamed"] == [0, 1, 2] and ref["level2"]["streamed"] == []
+        assert {"kmeans-super-0000", "part-super-0002-00004", "assign-super-0001-00005"} <= \
+            set(split.done_units("cluster", 0))
     assert load_assignments(split, 0).equals(load_assignments(one, 0))
     same = {key: v for key, v in out["level2"].items() if key != "streamed"}  # sharded: the flat k-means "streamed"
     assert same == {key: v for key, v in ref["level2"].items() if key != "streamed"}
     assert out["super_sizes"] == ref["super_sizes"]
     assert np.array_equal(split.read_npy(clusters_rel(0, "level1_centroids.npy")),
                           one.read_npy(clusters_rel(0, "level1_centroids.npy")))
-    parts = sorted(u for u in split.done_units("cluster", 0) if u.startswith("part-"))
+    parts = sorted(u for u in split.done_units("cluster", 0) if u.startswith("part-level1-"))
     sampled = cluster.get("super_sample", 1) > 0 and cluster["super_clusters"] > 1
     assert parts == ([] if sampled else ["part-level1-00000", "part-level1-00002", "part-level1-00004"])
-    assert sorted(u for u in split.done_units("cluster", 0) if u.startswith("assign-")) == \
+    assert sorted(u for u in split.done_units("cluster", 0) if u.startswith("assign-0")) == \
         [f"assign-{s:05d}" for s in range(6)]
     assert not [u for u in one.done_units("cluster", 0) if u.startswith("part-")]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +38,7 @@ from deepercluster.clustering.kmeans import (
     update,
 )
 from deepercluster.clustering.memory import bound_heap, release
-from deepercluster.clustering.vectors import ShardedVectors, members_by_shard, read_rows, shard_ranges, shard_rows
+from deepercluster.clustering.vectors import ShardedVectors, ShardMembers, read_rows, shard_ranges, shard_rows
 from deepercluster.clustering.whitening import STAGE, _seed, open_whitened
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import StoreError
@@ -98,9 +98,18 @@ class Job:
     seed: tuple[int, ...]  # the SeedSequence entropy
     fit_rows: int
     exact_distances: bool
+    super: int | None = None  # level 2: only the rows level 1 put in this super-cluster
 
     def seed_sequence(self) -> np.random.SeedSequence:
         return np.random.SeedSequence(list(self.seed))
+
+    def assign_unit(self, shard: int) -> str:
+        """The record of one shard's labels under this k-means."""
+        return f"assign-{shard:05d}" if self.super is None else f"assign-{self.name}-{shard:05d}"
+
+    def labels_rel(self, r: int, shard: int, what: str = "labels") -> str:
+        return clusters_rel(r, f"level1/{what}-{shard:05d}.npy" if self.super is None
+                            else f"level2/{self.name}/{what}-{shard:05d}.npy")
 
 
 def level1_job(cfg: PipelineConfig, r: int) -> Job:
@@ -112,6 +121,16 @@ def level1_job(cfg: PipelineConfig, r: int) -> Job:
                    exact_distances=False)
     return Job(LEVEL1, cfg.cluster.k, cfg.cluster.niter, tuple(_seed(cfg, r, 2, 0).entropy), 0,
                exact_distances=True)
+
+
+def super_job(cfg: PipelineConfig, r: int, s: int) -> Job:
+    """Level 2 of super-cluster ``s`` (the seed its one-unit k-means uses: the same result, split or not)."""
+    return Job(f"super-{s:04d}", cfg.cluster.k, cfg.cluster.niter, tuple(_seed(cfg, r, 2, s).entropy), 0,
+               exact_distances=True, super=s)
+
+
+def job_of(cfg: PipelineConfig, r: int, name: str) -> Job:
+    return level1_job(cfg, r) if name == LEVEL1 else super_job(cfg, r, int(name.removeprefix("super-")))
 
 
 def sampled(job: Job, n: int) -> bool:
@@ -188,22 +207,31 @@ def part_rel(r: int, name: str, block: Block) -> str:
     return clusters_rel(r, f"kmeans/{name}-part-{block.first:05d}.npz")
 
 
-def kmeans_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[object]:
-    """What the k-means still needs: nothing; ``fit`` (sampled or one block: one unit); or, sharded, ``init``, the
+Unit = tuple[str, str, int, int]  # (k-means name, phase, first shard, last shard); -1, -1 for a whole-k-means phase
+
+
+def phase_units(store: RunStore, cfg: PipelineConfig, r: int, job: Job, one_unit: bool = False) -> list[Unit]:
+    """What the k-means ``job`` still needs: nothing; ``fit`` (``one_unit``: in one unit); or, sharded, ``init``, the
     blocks whose share of the current iteration is missing, or the ``reduce`` of that iteration."""
-    job = level1_job(cfg, r)
     if store.is_done(STAGE, r, done_unit(job.name)):
         return []
-    parts = round_blocks(store, cfg, r)
-    n = parts[-1].hi
-    if sampled(job, n) or len(parts) == 1:
-        return ["fit"]
+    if one_unit:
+        return [(job.name, "fit", -1, -1)]
     state = load_checkpoint(store, r, job.name)
     if state is None:
-        return ["init"]
+        return [(job.name, "init", -1, -1)]
+    parts = round_blocks(store, cfg, r)
     records = store.done_records(STAGE, r, [part_unit(job.name, b) for b in parts])
-    missing = [b.unit for b in parts if not _current(records.get(part_unit(job.name, b)), state.iteration, b)]
-    return missing or ["reduce"]
+    missing = [(job.name, "part", b.first, b.last) for b in parts
+               if not _current(records.get(part_unit(job.name, b)), state.iteration, b)]
+    return missing or [(job.name, "reduce", -1, -1)]
+
+
+def kmeans_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[Unit]:
+    """Level 1's k-means: one unit when fitted on a sample or when its rows fit one block, else sharded Lloyd."""
+    job = level1_job(cfg, r)
+    parts = round_blocks(store, cfg, r)
+    return phase_units(store, cfg, r, job, one_unit=sampled(job, parts[-1].hi) or len(parts) == 1)
 
 
 def _current(record: dict | None, iteration: int, block: Block) -> bool:
@@ -211,31 +239,43 @@ def _current(record: dict | None, iteration: int, block: Block) -> bool:
                                                                                                      block.last]
 
 
-def kmeans_label(unit: object) -> str:
-    return block_label(unit) if isinstance(unit, tuple) else str(unit)  # type: ignore[arg-type]
+def kmeans_label(unit: Unit) -> str:
+    name, phase, a, b = unit
+    return f"{name} {phase}" + ("" if a < 0 else f" {block_label((a, b))}")
 
 
-def run_kmeans_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: object) -> dict:
-    job = level1_job(cfg, r)
+def run_kmeans_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: Unit) -> dict:
+    """One unit of a k-means (level 1's or a level-2 one's), by phase."""
+    name, phase, a, b = unit
+    job = job_of(cfg, r, name)
     bound_heap()
     try:
-        if unit == "fit":
+        if phase == "fit":
             return _fit(store, cfg, r, job)
-        if unit == "init":
-            state = initial_state(_all_rows(store, cfg, r), job.k, job.seed_sequence())
+        if phase == "init":
+            state = initial_state(_source(store, cfg, r, job), job.k, job.seed_sequence())
             save_checkpoint(store, r, job.name, state)
             return {"iteration": 0}
-        if unit == "reduce":
+        if phase == "reduce":
             return _reduce(store, cfg, r, job)
-        return _part(store, cfg, r, job, Block(*unit, *_rows(store, r, unit)))  # type: ignore[misc]
+        if phase == "assign":
+            return _assign_block(store, cfg, r, job, (a, b))
+        return _part(store, cfg, r, job, Block(a, b, *_rows(store, r, (a, b))))
     finally:
         release()
 
 
-def _all_rows(store: RunStore, cfg: PipelineConfig, r: int, ids: np.ndarray | None = None) -> ShardedVectors:
+def _source(store: RunStore, cfg: PipelineConfig, r: int, job: Job, shards: range | None = None) -> ShardedVectors:
+    """The job's rows (of ``shards``, default all) as a streamed source, in image order."""
     array = open_whitened(store, r)
-    return ShardedVectors(array, members_by_shard(int(array.shape[0]), shard_rows(array), ids),
-                          threads=cfg.runtime.stream_threads, store=store, rel=whitened_rel(r))
+    ranges = shard_ranges(int(array.shape[0]), shard_rows(array))
+    members = []
+    for i in shards if shards is not None else range(len(ranges)):
+        lo, hi = ranges[i]
+        rows = None if job.super is None else np.flatnonzero(read_labels(store, r, i) == job.super)
+        if rows is None or len(rows):
+            members.append(ShardMembers(i, lo, hi, rows))
+    return ShardedVectors(array, members, threads=cfg.runtime.stream_threads, store=store, rel=whitened_rel(r))
 
 
 def _rows(store: RunStore, r: int, unit: tuple[int, int]) -> tuple[int, int]:
@@ -251,7 +291,7 @@ def fits_in_memory(cfg: PipelineConfig, n: int, dim: int) -> bool:
 
 def _fit(store: RunStore, cfg: PipelineConfig, r: int, job: Job) -> dict:
     """The k-means in this unit, saving a checkpoint after every iteration and resuming from the last one."""
-    source = _all_rows(store, cfg, r)
+    source = _source(store, cfg, r, job)
     seed = job.seed_sequence()
     streamed = False
     if sampled(job, source.n):  # the sample and the fit draw from their own streams (as lloyd_on_sample does)
@@ -276,9 +316,7 @@ def _part(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: Block) 
     state = load_checkpoint(store, r, job.name)
     if state is None:
         raise StoreError(f"k-means {job.name} of round {r}: no checkpoint to compute iteration shares from")
-    array = open_whitened(store, r)
-    members = [m for m in members_by_shard(int(array.shape[0]), shard_rows(array)) if m.shard in shards_of(block.unit)]
-    source = ShardedVectors(array, members, threads=cfg.runtime.stream_threads, store=store, rel=whitened_rel(r))
+    source = _source(store, cfg, r, job, shards_of(block.unit))
     backend = resolve_backend(cfg.runtime.device)
     sums = np.zeros_like(state.centroids)
     counts = np.zeros(len(state.centroids), dtype=np.int64)
@@ -320,8 +358,8 @@ def _reduce(store: RunStore, cfg: PipelineConfig, r: int, job: Job) -> dict:
             rechecked += int(z["rechecked"])
     state = update(state, sums, counts, approx, rechecked)
     if state.iteration >= job.niter:
-        finish(store, r, job, state, {"streamed": True, "blocks": len(round_blocks(store, cfg, r)),
-                                      "rows": int(counts.sum())})
+        finish(store, r, job, state, {"streamed": True, "sharded": True, "rows": int(counts.sum()),
+                                      "blocks": len(round_blocks(store, cfg, r))})
     else:
         save_checkpoint(store, r, job.name, state)
     return {"iteration": state.iteration}
@@ -344,15 +382,15 @@ def shard_blocks_todo(store: RunStore, cfg: PipelineConfig, r: int, unit_of: Cal
     return out
 
 
-def assign_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[tuple[int, int]]:
-    """Blocks holding a shard without its labels."""
-    return shard_blocks_todo(store, cfg, r, assign_unit)
+def assign_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[Unit]:
+    """Level 1's labels: the blocks holding a shard without them."""
+    return [(LEVEL1, "assign", a, b) for a, b in shard_blocks_todo(store, cfg, r, assign_unit)]
 
 
-def run_assign_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: tuple[int, int]) -> dict:
-    """Label the rows of shards ``unit`` with the k-means' final centroids (and, for the flat k-means, their exact
-    distances, the same bits whatever the batching); one file and one record per shard."""
-    job = level1_job(cfg, r)
+def _assign_block(store: RunStore, cfg: PipelineConfig, r: int, job: Job, unit: tuple[int, int]) -> dict:
+    """Label the job's rows of shards ``unit`` with its final centroids (and, for the flat k-means and level 2, their
+    exact distances, the same bits whatever the batching); one file (two) and one record per shard. Level 1's
+    records count the members of each super-cluster (what level 2's todo sizes its units by)."""
     state = load_checkpoint(store, r, job.name)
     if state is None or not store.is_done(STAGE, r, done_unit(job.name)):
         raise StoreError(f"cluster round {r}: the k-means {job.name} is not done: rerun the cluster stage")
@@ -361,22 +399,72 @@ def run_assign_unit(store: RunStore, cfg: PipelineConfig, r: int, unit: tuple[in
     nc = NearestCentroid(state.centroids, resolve_backend(cfg.runtime.device))
     inertia, rows = 0.0, 0
     for s in shards_of(unit):
-        if store.is_done(STAGE, r, assign_unit(s)):
+        if store.is_done(STAGE, r, job.assign_unit(s)):
             continue
         lo, hi = ranges[s]
         x = _checked_rows(store, array, r, s, lo, hi)
-        labels, dist = nc.assign(x)
-        outputs = [labels_rel(r, s)]
+        if job.super is not None:
+            x = x[read_labels(store, r, s) == job.super]
+        labels, dist = nc.assign(x) if len(x) else (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        outputs = [job.labels_rel(r, s)]
         store.write_npy(outputs[0], labels.astype(np.int32))
         if job.exact_distances:
-            dist = exact_sq_distances(x, nc.centroids, labels, np.float32)
-            outputs.append(distance_rel(r, s))
+            dist = exact_sq_distances(x, nc.centroids, labels, np.float32) if len(x) else dist
+            outputs.append(job.labels_rel(r, s, "distance"))
             store.write_npy(outputs[1], dist.astype(np.float32))
         part = float(np.asarray(dist, dtype=np.float64).sum())
-        store.mark_done(STAGE, r, assign_unit(s), {"inertia": part, "rows": hi - lo}, outputs=outputs)
+        info = {"inertia": part, "rows": len(x)}
+        if job.super is None and cfg.cluster.super_clusters > 1:
+            info["counts"] = np.bincount(labels, minlength=cfg.cluster.super_clusters).tolist()
+        store.mark_done(STAGE, r, job.assign_unit(s), info, outputs=outputs)
         inertia += part
-        rows += hi - lo
+        rows += len(x)
     return {"rows": rows, "inertia": inertia}
+
+
+def super_sizes(store: RunStore, r: int, m: int) -> np.ndarray:
+    """Members of each super-cluster, from level 1's per-shard records (no label file read)."""
+    array = open_whitened(store, r)
+    n_shards = len(shard_ranges(int(array.shape[0]), shard_rows(array)))
+    records = store.done_records(STAGE, r, [assign_unit(s) for s in range(n_shards)])
+    sizes = np.zeros(m, dtype=np.int64)
+    for rec in records.values():
+        sizes += np.asarray(rec.get("counts", np.zeros(m)), dtype=np.int64)
+    return sizes
+
+
+def super_todo(store: RunStore, cfg: PipelineConfig, r: int, s: int, members: int) -> list[Unit] | None:
+    """The units super-cluster ``s`` still needs when its members exceed a worker's budget (sharded Lloyd, then its
+    labels per block); [] once they are all done (its one unit then files them); None when it fits a worker."""
+    dim = int(open_whitened(store, r).shape[1])
+    if fits_in_memory(cfg, members, dim):
+        return None
+    job = super_job(cfg, r, s)
+    units = phase_units(store, cfg, r, job)
+    if units:
+        return units
+    return [(job.name, "assign", a, b) for a, b in shard_blocks_todo(store, cfg, r, job.assign_unit)]
+
+
+def sharded_result(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> tuple[Iterator[tuple], dict]:
+    """A sharded level-2 k-means' (image ids, sub-cluster, distance) shard by shard, and its figures."""
+    job = super_job(cfg, r, s)
+    array = open_whitened(store, r)
+    ranges = shard_ranges(int(array.shape[0]), shard_rows(array))
+    record = store.done_record(STAGE, r, done_unit(job.name)) or {}
+    shards = store.done_records(STAGE, r, [job.assign_unit(i) for i in range(len(ranges))])
+
+    def parts() -> Iterator[tuple]:
+        for i, (lo, _) in enumerate(ranges):
+            ids = lo + np.flatnonzero(read_labels(store, r, i) == s)
+            yield ids, store.read_npy(job.labels_rel(r, i)).astype(np.int64), store.read_npy(
+                job.labels_rel(r, i, "distance"))
+
+    info = {"members": int(sum(rec.get("rows", 0) for rec in shards.values())), "k": record.get("k"),
+            "inertia": float(sum(rec.get("inertia", 0.0) for rec in shards.values())),
+            "repairs": record.get("repairs", 0), "streamed": True, "sharded": True,
+            "rechecked": record.get("rechecked", 0), "resumed_at": 0}
+    return parts(), info
 
 
 def _checked_rows(store: RunStore, array, r: int, s: int, lo: int, hi: int) -> np.ndarray:
@@ -403,5 +491,5 @@ def level1_stats(store: RunStore, r: int, n_shards: int) -> dict:
 
 
 __all__ = ["LEVEL1", "Block", "Job", "assign_todo", "blocks", "centroids_rel", "kmeans_label",
-           "kmeans_todo", "level1_job", "level1_stats", "load_checkpoint", "read_labels", "run_assign_unit",
-           "run_kmeans_unit", "save_checkpoint"]
+           "kmeans_todo", "level1_job", "level1_stats", "load_checkpoint", "read_labels", "run_kmeans_unit",
+           "save_checkpoint", "sharded_result", "super_sizes", "super_todo"]

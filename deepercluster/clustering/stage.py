@@ -32,11 +32,13 @@ from deepercluster.clustering.sharded import (
     LEVEL1,
     centroids_rel,
     distance_rel,
+    done_unit,
     fits_in_memory,
     level1_stats,
     load_checkpoint,
     read_labels,
     save_checkpoint,
+    sharded_result,
 )
 from deepercluster.clustering.vectors import (
     ShardedVectors,
@@ -125,6 +127,8 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
     if cfg.cluster.super_clusters == 1:
         ids, sub, dist, info = _flat_result(store, r)
         centroids = store.read_npy(centroids_rel(r, LEVEL1))
+    elif store.is_done(STAGE, r, done_unit(unit)):  # sharded Lloyd (larger than a worker's budget): file it
+        return _file_sharded(store, cfg, r, s)
     else:
         ids = members(store, r, s)
         release()
@@ -145,6 +149,34 @@ def cluster_super(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict[
     outputs.append(clusters_rel(r, f"sub-{s:04d}.parquet"))
     store.write_parquet(outputs[-1], {"image_id": ids, "sub": sub, "distance": dist})
     store.mark_done(STAGE, r, unit, info, outputs=outputs)
+    release()
+    return info
+
+
+def _file_sharded(store: RunStore, cfg: PipelineConfig, r: int, s: int) -> dict:
+    """The unit of a super-cluster clustered by sharded Lloyd: its per-shard labels into ``sub-<s>.parquet`` (a
+    shard at a time), its centroids (and with ``train.head_init: centroids`` its members' means)."""
+    unit = super_unit(s)
+    parts, info = sharded_result(store, cfg, r, s)
+    outputs = [clusters_rel(r, f"sub-{s:04d}_centroids.npy")]
+    centroids = store.read_npy(centroids_rel(r, unit))
+    store.write_npy(outputs[0], centroids)
+    ids_all, sub_all = [], []
+
+    def frames() -> Iterator[pd.DataFrame]:
+        for ids, sub, dist in parts:
+            if cfg.train.head_init == "centroids":
+                ids_all.append(ids)
+                sub_all.append(sub)
+            yield pd.DataFrame({"image_id": ids, "sub": sub, "distance": dist})
+
+    rel = clusters_rel(r, f"sub-{s:04d}.parquet")
+    store.write_parquet_parts(rel, frames())
+    if cfg.train.head_init == "centroids":
+        info.update(save_cluster_means(store, r, s, np.concatenate(ids_all), np.concatenate(sub_all),
+                                       len(centroids), cfg.runtime.stream_threads))
+        outputs.append(means_rel(r, s))
+    store.mark_done(STAGE, r, unit, info, outputs=[*outputs, rel])
     release()
     return info
 

@@ -7,7 +7,9 @@ number of images but level 2's (its super-cluster's members, within ``runtime.me
 3. ``kmeans``: level 1, sharded Lloyd (listed again after each batch: an iteration's blocks, then its reduce, ...),
    one unit when its rows fit one block or it is fitted on a sample; checkpointed after every iteration;
 4. ``assign``: level 1's labels of every image (one unit per block);
-5. ``supers``: level 2, one unit per super-cluster (GPU=1 each), checkpointed after every iteration;
+5. ``supers``: level 2, one unit per super-cluster (GPU=1 each), checkpointed after every iteration; a super-cluster
+   larger than a worker's memory budget runs as sharded Lloyd too (its phases listed again after each batch), then
+   its one unit files the result;
 6. ``finalize``: the merge into the assignments and the statistics.
 
 Resuming re-checks the sizes of the done units' recorded outputs (one listing): a unit whose file is missing or
@@ -29,11 +31,33 @@ from deepercluster.stages.base import Round, Stage, Step, register, until_done
 from deepercluster.store import RunStore
 
 
-def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[int]:
+def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[Any]:
+    """Level 2: one unit per super-cluster (its whole k-means, or, for one larger than a worker's memory budget,
+    the unit that files its sharded k-means' results once the phases listed before it are done)."""
+    assert r is not None
     done = set(store.done_units(lib.STAGE, r))
     supers = [u for u in done if u.startswith("super-")]
     done -= set(store.redo_bad_units(lib.STAGE, r, supers))
-    return [s for s in range(cfg.cluster.super_clusters) if lib.super_unit(s) not in done]
+    m = cfg.cluster.super_clusters
+    sizes = sharded.super_sizes(store, r, m) if m > 1 else None
+    out: list[Any] = []
+    for s in range(m):
+        if lib.super_unit(s) in done:
+            continue
+        phases = None if sizes is None else sharded.super_todo(store, cfg, r, s, int(sizes[s]))
+        out += phases or [s]
+    return out
+
+
+def _super(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Any) -> Any:
+    assert r is not None
+    if isinstance(unit, tuple):
+        return sharded.run_kmeans_unit(store, cfg, r, unit)
+    return lib.cluster_super(store, cfg, r, unit)
+
+
+def _super_label(unit: Any) -> str:
+    return sharded.kmeans_label(unit) if isinstance(unit, tuple) else lib.super_unit(unit)
 
 
 def _discarding(fn: Callable[[RunStore, PipelineConfig, Round, Any], Any]) -> Callable[..., Any]:
@@ -48,6 +72,11 @@ def _discarding(fn: Callable[[RunStore, PipelineConfig, Round, Any], Any]) -> Ca
             raise
 
     return run
+
+
+def _kmeans(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Any) -> Any:
+    assert r is not None
+    return sharded.run_kmeans_unit(store, cfg, r, unit)
 
 
 def _pca_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
@@ -74,13 +103,9 @@ class ClusterStage(Stage):
             Step("pca", _pca_todo, lambda store, cfg, r, u, rep: white.fit_pca_unit(store, cfg, r)),
             Step("whiten", white.whiten_todo, _discarding(white.whiten_shards), label=sharded.block_label),
             Step("whitened", _whitened_todo, lambda store, cfg, r, u, rep: white.mark_whitened(store, r)),
-            Step("kmeans", sharded.kmeans_todo, lambda store, cfg, r, u, rep: sharded.run_kmeans_unit(store, cfg, r, u),
-                 label=sharded.kmeans_label, gpu=True, again=True),
-            Step("assign", sharded.assign_todo,
-                 lambda store, cfg, r, u, rep: sharded.run_assign_unit(store, cfg, r, u), label=sharded.block_label,
-                 gpu=True),
-            Step("supers", _supers_todo, lambda store, cfg, r, s, rep: lib.cluster_super(store, cfg, r, s),
-                 label=lib.super_unit, gpu=True, retries=1),
+            Step("kmeans", sharded.kmeans_todo, _kmeans, label=sharded.kmeans_label, gpu=True, again=True),
+            Step("assign", sharded.assign_todo, _kmeans, label=sharded.kmeans_label, gpu=True),
+            Step("supers", _supers_todo, _super, label=_super_label, gpu=True, retries=1, again=True),
             Step("finalize", until_done(lib.STAGE), lambda store, cfg, r, u, rep: lib.finalize_cluster(store, cfg, r)),
         ]
 
