@@ -1,5 +1,6 @@
-"""The k-means over every image of a round (level 1, or the flat k-means when there is one super-cluster), split
-into units that run anywhere: never a whole-N array in one process.
+"""The k-means over every image of a round (level 1, or the flat k-means when there is one super-cluster), and
+those of level 2 whose super-cluster exceeds a worker's memory budget, split into units that run anywhere: never
+a whole-N array in one process.
 
 Its rows are the whitened features, in **blocks** of consecutive image shards of at most ``runtime.block_rows``
 rows. Three ways to run it, all with the same result:
