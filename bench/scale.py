@@ -244,12 +244,12 @@ def bench_lloyd(args: argparse.Namespace, tmp: Path) -> float:
 
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
             Client(lc) as client:
-        client.run(lambda: None)
+        client.run(__import__, "deepercluster.clustering.sharded")  # imported, as in the one process
         t0 = time.perf_counter()
-        units = kmeans_todo(store, cfg, 0)
+        units = kmeans_todo(store, cfg, 0)  # the iteration's blocks, then its reduce: as the stage's flow runs them
         client.gather([client.submit(run_kmeans_unit, store, cfg, 0, u, pure=False) for u in units])
-        assert kmeans_todo(store, cfg, 0) == ["reduce"]
-        client.submit(run_kmeans_unit, store, cfg, 0, "reduce", pure=False).result()
+        (reduce,) = kmeans_todo(store, cfg, 0)
+        client.submit(run_kmeans_unit, store, cfg, 0, reduce, pure=False).result()
         t_sharded = time.perf_counter() - t0
 
         def labels_of(lo: int, hi: int, centroids: np.ndarray) -> np.ndarray:
