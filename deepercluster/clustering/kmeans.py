@@ -271,12 +271,12 @@ def update(state: LloydState, sums: np.ndarray, counts: np.ndarray, approx_inert
 
 
 def block_sums(x: np.ndarray, centroids: np.ndarray, backend: str = "cpu", threads: int | None = None,
-               ) -> tuple[np.ndarray, np.ndarray, float, int]:
+               x_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float, int]:
     """One block's share of an assignment pass: exact per-cluster sums and counts of its rows (grid values) under
     ``centroids``, its approximate inertia and the rows re-decided in float64. Adding every block's sums, in any
-    order, gives the whole pass's exact sums."""
+    order, gives the whole pass's exact sums. ``x_sq``: the rows' squared norms, when the caller keeps them."""
     nc = NearestCentroid(centroids, backend, threads)
-    labels, dist = nc.assign(np.ascontiguousarray(x, dtype=np.float32))
+    labels, dist = nc.assign(np.ascontiguousarray(x, dtype=np.float32), x_sq)
     sums, counts = cluster_sums(x, labels, len(centroids))
     return sums, counts, float(dist.sum(dtype=np.float64)), nc.rechecked
 

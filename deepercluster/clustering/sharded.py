@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -317,13 +319,12 @@ def _part(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: Block) 
     state = load_checkpoint(store, r, job.name)
     if state is None:
         raise StoreError(f"k-means {job.name} of round {r}: no checkpoint to compute iteration shares from")
-    source = _source(store, cfg, r, job, shards_of(block.unit))
     backend = resolve_backend(cfg.runtime.device)
     sums = np.zeros_like(state.centroids)
     counts = np.zeros(len(state.centroids), dtype=np.int64)
     approx, rechecked = 0.0, 0
-    for _, x in source.blocks():
-        s, c, a, checked = block_sums(x, state.centroids, backend)
+    for x, x_sq in _block_rows(store, cfg, r, job, block):
+        s, c, a, checked = block_sums(x, state.centroids, backend, x_sq=x_sq)
         sums += s
         counts += c
         approx += a
@@ -335,6 +336,43 @@ def _part(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: Block) 
                     {"iteration": state.iteration, "shards": [block.first, block.last]},
                     outputs=[part_rel(r, job.name, block)])
     return {"iteration": state.iteration, "rows": block.hi - block.lo}
+
+
+_CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # this worker's blocks, last used last
+_CACHE_LOCK = threading.Lock()
+
+
+def _block_rows(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: Block) \
+        -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The job's rows of ``block`` (with their squared norms), kept in this worker's memory between iterations
+    while they fit in half of ``runtime.memory_budget_mb`` (least recently used dropped first): the later
+    iterations of a sharded Lloyd then read nothing. Keyed by the identity of what made the rows (the whitening,
+    and level 1 for a super-cluster's members), so a recomputed input is never served stale. Blocks that do not
+    fit are streamed shard by shard."""
+    idents = [store.done_record(STAGE, r, "whitened") or {}]
+    if job.super is not None:
+        idents.append(store.done_record(STAGE, r, done_unit(LEVEL1)) or {})
+    key = (store.uri, r, job.name, block.unit, *(rec.get("id") for rec in idents))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+    if hit is not None:
+        yield hit
+        return
+    source = _source(store, cfg, r, job, shards_of(block.unit))
+    limit = cfg.runtime.memory_budget_mb * 2**20 / 2
+    if source.n * (4 * source.dim + 4) > limit:
+        for _, x in source.blocks():
+            yield x, None
+        return
+    x = source.gather()
+    entry = (x, np.einsum("ij,ij->i", x, x))
+    with _CACHE_LOCK:
+        _CACHE[key] = entry
+        while sum(a.nbytes + b.nbytes for a, b in _CACHE.values()) > limit:
+            _CACHE.popitem(last=False)
+    yield entry
 
 
 def _reduce(store: RunStore, cfg: PipelineConfig, r: int, job: Job) -> dict:
