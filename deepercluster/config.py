@@ -196,8 +196,9 @@ class TrainConfig(_Section):
                                      "default: as many as the round's images. A fixed epoch size, as DeeperCluster's, "
                                      "keeps a round's cost independent of the dataset size")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank " + _NEUTRAL)
-    nnodes: int = Field(1, ge=1, description="torchrun nodes (world = nnodes x nproc); more than 1 needs "
-                        "runtime.rdzv_endpoint")
+    nnodes: int = Field(1, ge=1, description="torchrun nodes (world = nnodes x nproc); more than 1: the train stage "
+                        "runs one agent per node, each on its own Dask worker, meeting at a rendezvous the first "
+                        "publishes")
     head_init: Literal["random", "centroids"] = Field(
         "centroids", description="how each round's sub-heads start: 'centroids' = the nearest-mean classifier of the "
         "new clusters (mean ReLU feature of each sub-cluster, as DeepCluster-v2 starts from its centroids), so no "
@@ -288,8 +289,8 @@ class RuntimeConfig(_Section):
     dask_address: str | None = Field(None, description="existing Dask scheduler (tcp://host:8786); default local")
     dask_workers: int = Field(2, ge=1, description="LocalCluster worker processes when no address is given")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    rdzv_endpoint: str | None = Field(None, description="host:port of the torchrun c10d rendezvous (on the first "
-                                      "node) when train.nnodes > 1")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the torchrun c10d rendezvous when "
+                                      "train.nnodes > 1; default: a free port of the first node's host")
     gpu_workers: bool = Field(False, description="send GPU work only to Dask workers with the resource GPU: "
                               "extraction and clustering GPU=1 per task, training GPU=train.nproc on one worker; a "
                               "local cluster started here then has one GPU=1 worker per visible GPU")

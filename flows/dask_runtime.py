@@ -24,6 +24,8 @@ def dask_scheduler(runtime: RuntimeConfig, address: str | None = None) -> Iterat
         return
     from distributed import LocalCluster
 
+    from deepercluster.training.nodes import NODE_RESOURCE
+
     # Workers must report to this process's Prefect server: without its URL each would start a temporary one.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     env = {"PREFECT_API_URL": prefect_api_url(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -31,8 +33,10 @@ def dask_scheduler(runtime: RuntimeConfig, address: str | None = None) -> Iterat
         with local_gpu_cluster(runtime.dask_workers, env) as gpu_address:
             yield gpu_address
         return
+    # each worker may hold one torchrun agent of a multi-node training (two on one worker would wait for each other)
     with full_speed_malloc(), LocalCluster(n_workers=runtime.dask_workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.WARNING, env=env) as cluster:
+                                           dashboard_address=None, silence_logs=logging.WARNING, env=env,
+                                           resources={NODE_RESOURCE: 1}) as cluster:
         yield cluster.scheduler_address
 
 
@@ -71,16 +75,22 @@ def full_speed_malloc() -> Iterator[None]:
         yield
 
 
-def require_resources(address: str, resources: dict[str, int], setting: str) -> None:
-    """Raise a one-line error unless a worker of the scheduler at ``address`` advertises ``resources`` (a task
-    asking for more than any worker has would wait forever)."""
+def require_resources(address: str, resources: dict[str, int], setting: str, workers: int = 1) -> None:
+    """Raise a one-line error unless ``workers`` workers of the scheduler at ``address`` advertise ``resources`` (a
+    task asking for more than any worker has would wait forever, and so would units that must run at the same time
+    on distinct workers, torchrun agents, when fewer workers can take them)."""
     from distributed import Client
 
     with Client(address, timeout=30) as client:
-        have = [w.get("resources") or {} for w in client.scheduler_info()["workers"].values()]
-    if any(all(h.get(k, 0) >= v for k, v in resources.items()) for h in have):
-        return
+        have = [w.get("resources") or {} for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    fit = sum(all(h.get(k, 0) >= v for k, v in resources.items()) for h in have)
     wanted = ",".join(f"{k}={v}" for k, v in resources.items())
+    if fit >= workers:
+        return
+    if workers > 1:
+        raise ConfigError(f"{setting} = {workers} needs {workers} Dask workers with --resources {wanted} (one torchrun "
+                          f"agent each, at the same time), but {fit} of the workers at {address} advertise it: start "
+                          f"one per node with `dask worker {address} --resources {wanted}`, or lower {setting}")
     best = max((h.get(k, 0) for h in have for k in resources), default=0)
     raise ConfigError(f"{setting} with runtime.gpu_workers needs a Dask worker with --resources {wanted}, but the "
                       f"workers at {address} advertise at most {best}: lower {setting}, or start one worker per node "

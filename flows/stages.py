@@ -106,9 +106,10 @@ def _run_batch(run: str, stage: str, r: Round, step: Step, todo: list, address: 
     seconds."""
     logger = get_run_logger()
     resources = step.resources(cfg) if step.resources else ({"GPU": 1} if step.gpu else None)
-    resources = resources if cfg.runtime.gpu_workers else None
-    if resources and max(resources.values()) > 1:
-        require_resources(address, resources, "train.nproc")
+    resources = resources if cfg.runtime.gpu_workers or step.together else None  # together: one worker each
+    if resources and (max(resources.values()) > 1 or (step.together and len(todo) > 1)):
+        require_resources(address, resources, "train.nnodes" if len(todo) > 1 else "train.nproc",
+                          workers=len(todo) if step.together else 1)
     task = run_unit.with_options(retries=step.retries, retry_delay_seconds=2,
                                  retry_condition_fn=None if step.retry_user_errors else transient)
     with dask.annotate(resources=resources) if resources else nullcontext():  # prefect-dask passes no resources=

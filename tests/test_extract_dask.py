@@ -124,7 +124,7 @@ def test_gpu_annotation_sends_shards_only_to_gpu_workers(tmp_path: Path, digits_
     try:
         with Client(dask_address) as client:
             client.wait_for_workers(3, timeout=60)
-            gpu = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["resources"]]
+            gpu = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["resources"].get("GPU")]
             gpu_pid = client.run(os.getpid, workers=gpu)[gpu[0]]
             stage_flow(store.uri, "extract", 0)  # the address comes from the run's config
             client.retire_workers(gpu, close_workers=True)

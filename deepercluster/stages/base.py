@@ -69,6 +69,7 @@ class Step:
     retries: int = 0
     retry_user_errors: bool = False  # retry even a DeeperClusterError (training: a retry resumes a checkpoint)
     again: bool = False  # list the units again once a batch ran, until none is left (an iterative step)
+    together: bool = False  # a batch's units run at the same time (each waits for the others: torchrun agents)
 
     def batches(self, store: RunStore, cfg: PipelineConfig, r: Round) -> Iterator[list[Unit]]:
         """The step's units, batch by batch: one batch, or (``again``) a batch after each until ``todo`` lists

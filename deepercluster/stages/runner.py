@@ -14,7 +14,7 @@ from typing import Any
 from deepercluster.config import PipelineConfig
 from deepercluster.errors import StoreError
 from deepercluster.progress import emit
-from deepercluster.stages.base import LogReporter, Reporter, Round, Stage, get_stage
+from deepercluster.stages.base import LogReporter, Reporter, Round, Stage, Step, get_stage
 from deepercluster.stages.lineage import (
     StageState,
     differences,
@@ -110,6 +110,11 @@ def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, 
         units, cpu = 0, 0.0
         for step in stage.steps():
             for todo in step.batches(store, cfg, r):
+                if step.together and len(todo) > 1:  # units that wait for each other: one thread each
+                    cpu += timed(lambda: _run_together(store, cfg, r, step, todo, report))[1]  # noqa: B023
+                    emit("units", label=round_label(name, r), step=step.name, done=len(todo), total=len(todo))
+                    units += len(todo)
+                    continue
                 for i, unit in enumerate(todo, start=1):
                     cpu += timed(lambda: step.run(store, cfg, r, unit, report))[1]  # noqa: B023
                     emit("units", label=round_label(name, r), step=step.name, done=i, total=len(todo))
@@ -118,6 +123,16 @@ def run_stage(store: RunStore, cfg: PipelineConfig, name: str, r: Round = None, 
 
     run_framed(store, cfg, stage, r, force, run_units)
     return stage.result(store, cfg, r)
+
+
+def _run_together(store: RunStore, cfg: PipelineConfig, r: Round, step: Step, todo: list, report: Reporter) -> None:
+    """A ``together`` step's batch in this process: every unit at once on its own thread; the first error raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(todo), thread_name_prefix=step.name) as pool:
+        futures = [pool.submit(step.run, store, cfg, r, unit, report) for unit in todo]
+        for future in futures:
+            future.result()
 
 
 def run_all(store: RunStore, cfg: PipelineConfig) -> list[dict[str, Any]]:

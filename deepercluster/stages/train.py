@@ -1,6 +1,11 @@
-"""The train stage: the round's pseudo-labels -> torchrun training epochs -> ``rounds/<r+1>/model.pt``. One unit:
-this node's torchrun agent (on a Dask worker holding GPU = ``train.nproc`` with ``runtime.gpu_workers``); a retry
-resumes from the last checkpoint."""
+"""The train stage: the round's pseudo-labels -> torchrun training epochs -> ``rounds/<r+1>/model.pt``.
+
+One node (``train.nnodes = 1``): one unit, ``train``, this node's torchrun agent (on a Dask worker holding
+GPU = ``train.nproc`` with ``runtime.gpu_workers``); the trainer records the stage done; a retry resumes from the
+last checkpoint. Several nodes: units ``node-0`` .. ``node-<n-1>`` that run at the same time, each agent on its own
+Dask worker (GPU = ``train.nproc`` with ``runtime.gpu_workers``, else the resource ``TORCHRUN`` = 1, which each
+worker of a LocalCluster started here holds once), meeting at the rendezvous ``node-0`` publishes
+(:mod:`deepercluster.training.nodes`); each records itself, then the ``finalize`` step records the stage."""
 
 from __future__ import annotations
 
@@ -9,18 +14,32 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from deepercluster.config import PipelineConfig
-from deepercluster.stages.base import Reporter, Round, Stage, Step, register
+from deepercluster.errors import StoreError
+from deepercluster.stages.base import RECORD_KEYS, Reporter, Round, Stage, Step, register
 from deepercluster.store import RunStore
 from deepercluster.training.checkpoint import STAGE as TRAIN
-from deepercluster.training.checkpoint import reset_train
+from deepercluster.training.checkpoint import TRAINED, reset_train, training_done
 from deepercluster.training.launch import train_round
+from deepercluster.training.nodes import NODE_RESOURCE, node_units, train_node
 from deepercluster.training.progress import describe_progress, parse_progress
 
 PROGRESS_EVERY_S = 2.0
 
 
 def _todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
-    return [] if store.stage_done(TRAIN, r) else ["train"]
+    """``train`` (one node), or every node's unit while training runs (none can train without all the others), then
+    those not recorded yet (a unit whose worker died after training ended)."""
+    if store.stage_done(TRAIN, r):
+        return []
+    if cfg.train.nnodes == 1:
+        return ["train"]
+    assert r is not None
+    units = node_units(cfg)
+    return [u for u in units if not store.is_done(TRAIN, r, u)] if training_done(store, r) else units
+
+
+def _finalize_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
+    return [] if cfg.train.nnodes == 1 or store.stage_done(TRAIN, r) else ["finalize"]
 
 
 class ProgressLines:
@@ -46,11 +65,32 @@ class ProgressLines:
 
 def _train(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Reporter) -> dict[str, Any]:
     assert r is not None
-    return train_round(store, cfg, r, on_line=ProgressLines(report), should_stop=report.should_stop)
+    if unit == "train":
+        return train_round(store, cfg, r, on_line=ProgressLines(report), should_stop=report.should_stop)
+    return train_node(store, cfg, r, unit, on_line=ProgressLines(report), should_stop=report.should_stop)
+
+
+def _finalize(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: Reporter) -> dict[str, Any]:
+    """(Several nodes) The stage record: what rank 0 recorded of the training, and where each node's agent ran."""
+    trained = store.done_record(TRAIN, r, TRAINED)
+    nodes = store.done_records(TRAIN, r, node_units(cfg))
+    missing = [u for u in node_units(cfg) if u not in nodes]
+    if trained is None or missing:
+        what = "training was not recorded as ended" if trained is None else f"{', '.join(missing)} recorded nothing"
+        raise StoreError(f"train round {r}: every node's unit ran but {what}: rerun the stage")
+    info = {k: v for k, v in trained.items() if k not in RECORD_KEYS}
+    info["nodes"] = [{k: v for k, v in nodes[u].items() if k not in RECORD_KEYS} | {"pid": nodes[u]["pid"]}
+                     for u in node_units(cfg)]
+    store.mark_stage_done(TRAIN, r, info)
+    return {"nodes": len(nodes)}
 
 
 def _resources(cfg: PipelineConfig) -> dict[str, int] | None:
-    return {"GPU": cfg.train.nproc} if cfg.runtime.gpu_workers else None
+    """GPU = ``train.nproc`` per agent with GPU workers; else one ``TORCHRUN`` per agent with several nodes (so no
+    two agents share a worker: they would wait for each other); else anywhere."""
+    if cfg.runtime.gpu_workers:
+        return {"GPU": cfg.train.nproc}
+    return {NODE_RESOURCE: 1} if cfg.train.nnodes > 1 else None
 
 
 @dataclass
@@ -67,7 +107,8 @@ class TrainStage(Stage):
         return [("extract", r), ("cluster", r)]
 
     def steps(self) -> list[Step]:
-        return [Step("train", _todo, _train, resources=_resources, retries=1, retry_user_errors=True)]
+        return [Step("train", _todo, _train, resources=_resources, retries=1, retry_user_errors=True, together=True),
+                Step("finalize", _finalize_todo, _finalize)]
 
     def discard(self, store: RunStore, cfg: PipelineConfig, r: Round) -> None:
         assert r is not None

@@ -24,6 +24,13 @@ from deepercluster.store import RunStore
 from deepercluster.training.errors import TrainError
 
 STAGE = "train"
+TRAINED = "trained"  # with train.nnodes > 1: rank 0's record that training ended; the stage is recorded done later
+
+
+def training_done(store: RunStore, r: int) -> bool:
+    """Whether round ``r``'s training has ended: the stage record (one node), or rank 0's ``trained`` record (several
+    nodes: the stage is recorded done once every node's unit has seen its agent end)."""
+    return store.stage_done(STAGE, r) or store.is_done(STAGE, r, TRAINED)
 
 
 def unit_name(step: int) -> str:
@@ -134,12 +141,16 @@ def position(ckpt: dict[str, Any] | None) -> Position:
 
 def save_final(store: RunStore, r: int, cfg: PipelineConfig, body: dict[str, torch.Tensor],
                heads: dict[str, torch.Tensor], log_rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
-    """``final.pt`` (body + heads), the next round's ``model.pt``, the log, then the stage's completion record."""
+    """``final.pt`` (body + heads), the next round's ``model.pt``, the log, then the stage's completion record (with
+    several nodes: the ``trained`` record, see :func:`training_done`)."""
     store.save_torch(final_rel(r), {"body": body, "heads": heads, "arch": cfg.model.arch, "round": r,
                                     "fingerprint": store.fingerprint(STAGE, r)})
     store.save_torch(model_rel(r + 1), {"body": body, "arch": cfg.model.arch, "round": r + 1})
     write_log(store, r, log_rows)
-    store.mark_stage_done(STAGE, r, info)
+    if cfg.train.nnodes > 1:  # the other agents may still be running: the stage's finalize step records it done
+        store.mark_done(STAGE, r, TRAINED, info)
+    else:
+        store.mark_stage_done(STAGE, r, info)
 
 
 def reset_train(store: RunStore, r: int) -> None:

@@ -2,7 +2,9 @@
 real subprocess and turns a failure into a :class:`TrainError` carrying the end of its output.
 
 One node: ``torchrun --standalone``. Several nodes (``train.nnodes > 1``): every node runs the same torchrun agent
-against the c10d rendezvous at ``runtime.rdzv_endpoint``; the stage (``train_round``) runs on one node and
+against a c10d rendezvous. The train stage launches them itself, one Dask unit per node
+(:mod:`deepercluster.training.nodes`: the first agent hosts the rendezvous and publishes where); by hand,
+:func:`train_round` runs this node's agent against ``runtime.rdzv_endpoint`` and
 ``python -m deepercluster.training.launch --run-uri URI --round R`` joins from each other node (the run store must
 be reachable from every node, as it already is for reading images).
 """
@@ -25,14 +27,14 @@ from deepercluster.device import resolve_device
 from deepercluster.errors import DeeperClusterError
 from deepercluster.run import load_run_config
 from deepercluster.store import RunStore
-from deepercluster.training.checkpoint import STAGE
+from deepercluster.training.checkpoint import STAGE, TRAINED, training_done
 from deepercluster.training.errors import ERROR_PREFIX, TrainError
 from deepercluster.training.groups import check_group_data, head_groups, world_size
 from deepercluster.training.inputs import check_inputs, load_pseudo_labels
 from deepercluster.training.sampler import samples_per_rank
 
 __all__ = ["TrainError", "check_train_inputs", "cpu_threads_per_rank", "dies_with_parent", "node_command",
-           "run_train_node", "train_command", "train_env", "train_round"]
+           "run_train_node", "train_command", "train_env", "train_round", "trained_record"]
 TAIL_LINES = 30
 STOP_TIMEOUT_S = 30
 POLL_S = 1.0
@@ -45,17 +47,25 @@ _DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
 
 
 def train_command(run_uri: str, r: int, nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None,
-                  rdzv_id: str = "deepercluster") -> list[str]:
+                  rdzv_id: str = "deepercluster", max_restarts: int = 0, is_host: bool | None = None) -> list[str]:
     """The torchrun command line that trains round ``r`` of the run at ``run_uri`` on this node: standalone on one
-    node, else one of ``nnodes`` agents meeting at the c10d rendezvous ``rdzv_endpoint`` (host:port)."""
+    node, else one of ``nnodes`` agents meeting at the c10d rendezvous ``rdzv_endpoint`` (host:port).
+
+    ``max_restarts``: how often the agent restarts its workers and meets the others again after a failure (a lost
+    peer agent is one: the survivors wait in the rendezvous for its relaunch, then every rank resumes from the
+    checkpoint). ``is_host``: whether this agent hosts the rendezvous store (None: torch guesses from the host name,
+    and of two agents on one machine the first to bind hosts it, so the agent that must outlive the others should
+    say true and the others false)."""
     if nnodes == 1:
         where = ["--standalone", "--nnodes=1"]
     elif not rdzv_endpoint:
         raise TrainError(f"train.nnodes is {nnodes}: set runtime.rdzv_endpoint (host:port of the rendezvous, on the "
-                         "first node) so that the nodes can meet")
+                         "first node) so that the nodes can meet, or let the train stage launch every node")
     else:
         where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                 f"--rdzv-id={rdzv_id}"]
+                 f"--rdzv-id={rdzv_id}", f"--max-restarts={max_restarts}"]
+        if is_host is not None:
+            where.append(f"--rdzv-conf=is_host={str(is_host).lower()}")
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
             "-m", "deepercluster.training.worker", "--run-uri", run_uri, "--round", str(r)]
 
@@ -95,7 +105,6 @@ def check_train_inputs(store: RunStore, cfg: PipelineConfig, r: int) -> int:
         raise TrainError(f"train round {r}: {n} images make no whole global batch of {world} ranks x "
                          f"{cfg.train.batch_size}: lower train.batch_size or train.nproc")
     check_group_data(cfg, head_groups(cfg, world), labels)
-    node_command(store, cfg, r)  # a multi-node config without a rendezvous fails here
     if resolve_device(cfg.runtime.device).type == "cuda" and cfg.train.nproc > torch.cuda.device_count():
         raise TrainError(f"train.nproc is {cfg.train.nproc} but only {torch.cuda.device_count()} GPUs are visible: "
                          "lower train.nproc")
@@ -146,10 +155,16 @@ def train_round(store: RunStore, cfg: PipelineConfig, r: int, on_line: Callable[
     stay, a rerun resumes from them). Returns the stage record: steps, final_loss, images_per_s, ...
     """
     check_train_inputs(store, cfg, r)
-    rc, detail = run_train_node(store, cfg, r, on_line, should_stop)
-    if rc != 0 or not store.stage_done(STAGE, r):
+    command = node_command(store, cfg, r)  # several nodes by hand: a config without a rendezvous fails here
+    rc, detail = run_train_node(store, cfg, r, on_line, should_stop, command)
+    if rc != 0 or not training_done(store, r):
         raise TrainError(f"train stage of round {r} failed (torchrun exit {rc}):\n{detail}")
-    return store.done_record(STAGE, r, "_stage")
+    return trained_record(store, r)
+
+
+def trained_record(store: RunStore, r: int) -> dict[str, Any]:
+    """What the ended training recorded: the stage record (one node) or rank 0's ``trained`` record (several)."""
+    return store.done_record(STAGE, r, "_stage") or store.done_record(STAGE, r, TRAINED) or {}
 
 
 def dies_with_parent(command: list[str]) -> list[str]:
@@ -160,12 +175,14 @@ def dies_with_parent(command: list[str]) -> list[str]:
 
 
 def run_train_node(store: RunStore, cfg: PipelineConfig, r: int, on_line: Callable[[str], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> tuple[int, str]:
-    """Run this node's torchrun agent to its end; return its exit code and the workers' error lines (or the end
-    of their stderr). The agent dies with the thread that started it; ``should_stop`` (polled every second) stops
-    it early with a :class:`TrainError`."""
+                   should_stop: Callable[[], bool] | None = None,
+                   command: list[str] | None = None) -> tuple[int, str]:
+    """Run this node's torchrun agent (``command``, default :func:`node_command`) to its end; return its exit code
+    and the workers' error lines (or the end of their stderr). The agent dies with the thread that started it;
+    ``should_stop`` (polled every second) stops it early with a :class:`TrainError`."""
     output = _Output()
-    proc = subprocess.Popen(dies_with_parent(node_command(store, cfg, r)), env=train_env(cfg),
+    command = command or node_command(store, cfg, r)
+    proc = subprocess.Popen(dies_with_parent(command), env=train_env(cfg),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             bufsize=1)
     out_sink = on_line or (lambda s: print(s, flush=True))

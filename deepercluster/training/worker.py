@@ -27,7 +27,7 @@ from deepercluster.device import resolve_device
 from deepercluster.errors import DeeperClusterError
 from deepercluster.run import load_run_config
 from deepercluster.store import RunStore
-from deepercluster.training.checkpoint import STAGE
+from deepercluster.training.checkpoint import training_done
 from deepercluster.training.errors import ERROR_PREFIX
 from deepercluster.training.inputs import check_inputs
 from deepercluster.training.launch import cpu_threads_per_rank
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent()
     store = RunStore(args.run)
-    if store.stage_done(STAGE, args.round_):
+    if training_done(store, args.round_):
         return 0
     rank, world, local_rank = _env_rank()
     try:
