@@ -75,6 +75,14 @@ def full_speed_malloc() -> Iterator[None]:
         yield
 
 
+def scheduler_workers(address: str) -> list[str]:
+    """The addresses of the workers of the scheduler at ``address`` now."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        return sorted(client.scheduler_info(n_workers=-1)["workers"])
+
+
 def require_resources(address: str, resources: dict[str, int], setting: str, workers: int = 1) -> None:
     """Raise a one-line error unless ``workers`` workers of the scheduler at ``address`` advertise ``resources`` (a
     task asking for more than any worker has would wait forever, and so would units that must run at the same time

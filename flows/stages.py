@@ -25,10 +25,10 @@ from deepercluster.lease import run_lease
 from deepercluster.progress import emit
 from deepercluster.run import open_run
 from deepercluster.stages import get_stage, stage_names
-from deepercluster.stages.base import Round, Step
+from deepercluster.stages.base import Round, Step, pin_workers
 from deepercluster.stages.lineage import round_label
 from deepercluster.stages.runner import run_framed
-from flows.dask_runtime import dask_runner, dask_scheduler, require_resources
+from flows.dask_runtime import dask_runner, dask_scheduler, require_resources, scheduler_workers
 from tasks.publish import publish
 from tasks.units import run_unit, transient
 
@@ -112,8 +112,13 @@ def _run_batch(run: str, stage: str, r: Round, step: Step, todo: list, address: 
                           workers=len(todo) if step.together else 1)
     task = run_unit.with_options(retries=step.retries, retry_delay_seconds=2,
                                  retry_condition_fn=None if step.retry_user_errors else transient)
+    pinned = step.affinity is not None and any(step.affinity(u) is not None for u in todo)
+    pins = pin_workers(todo, step.affinity, scheduler_workers(address)) if pinned else [None] * len(todo)
+    futures = []
     with dask.annotate(resources=resources) if resources else nullcontext():  # prefect-dask passes no resources=
-        futures = [task.submit(run, stage, r, step.name, u, step.label(u)) for u in todo]
+        for u, worker in zip(todo, pins, strict=True):
+            with dask.annotate(workers=[worker], allow_other_workers=True) if worker else nullcontext():
+                futures.append(task.submit(run, stage, r, step.name, u, step.label(u)))
     logged, cpu_s = 0, 0.0
     emit("units", label=round_label(stage, r), step=step.name, done=0, total=len(todo))
     for i, future in enumerate(as_completed(futures), start=1):

@@ -64,8 +64,17 @@ def test_pipeline_flow_runs_every_round_and_stage_reruns_alone(tmp_path: Path, d
     untouched = {(s, r): _records(store, s, r) for s in ROUND_STAGES for r in (0, 1, 2)
                  if (s, r) != ("cluster", 1) and (s, r) not in downstream and store.stage_done(s, r)}
     before = store.done_record("cluster", 1, "_stage")
+    assignments = load_assignments(store, 1)
+    # rerun with blocks of 80 rows and a budget below every super-cluster: level 1 and level 2 as sharded Lloyd, each
+    # iteration a batch of Dask tasks pinned to workers by block; where to compute is no change of what: the same
+    # assignments, and the stages downstream stay as they are
+    _, saved = open_run(run)
+    init_run(store, saved.model_copy(update={"runtime": saved.runtime.model_copy(
+        update={"block_rows": 80, "memory_budget_mb": 0.001})}))
     stage_flow(run, "cluster", 1, force=True, dask_address=dask_address)
     assert store.done_record("cluster", 1, "_stage")["finished_at"] > before["finished_at"]
+    assert load_assignments(store, 1).equals(assignments)
+    assert {"part-level1-00000", "part-super-0001-00002", "kmeans-super-0000"} <= set(store.done_units("cluster", 1))
     assert {k: _records(store, *k) for k in untouched} == untouched
     assert load_assignments(store, 1)["target"].between(0, 9).all()
     _, cfg = open_run(run)

@@ -93,3 +93,20 @@ def test_a_toy_stage_in_one_module_runs_with_fingerprints(tmp_path: Path, digits
         from deepercluster.stages import base
 
         base._REGISTRY.pop("norms", None)
+
+
+def test_pinned_units_keep_their_worker_from_batch_to_batch():
+    """A sharded Lloyd block's share goes to the same worker at every iteration (its rows stay in that worker's
+    memory), the blocks dealt evenly; units without a key go anywhere."""
+    from deepercluster.stages.base import pin_workers
+
+    def key(u):
+        return None if u[1] != "part" else (u[0], u[2])
+
+    workers = ["tcp://b:2", "tcp://a:1"]
+    batch = [("level1", "part", s, s + 1) for s in (6, 0, 4, 2)] + [("level1", "reduce", -1, -1)]
+    pins = pin_workers(batch, key, workers)
+    assert pins[-1] is None
+    assert sorted(pins[:4]) == ["tcp://a:1", "tcp://a:1", "tcp://b:2", "tcp://b:2"]  # balanced
+    again = pin_workers(list(reversed(batch)), key, list(reversed(workers)))  # another order, same answer
+    assert dict(zip(batch, pins, strict=True)) == dict(zip(reversed(batch), again, strict=True))

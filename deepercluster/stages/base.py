@@ -70,6 +70,9 @@ class Step:
     retry_user_errors: bool = False  # retry even a DeeperClusterError (training: a retry resumes a checkpoint)
     again: bool = False  # list the units again once a batch ran, until none is left (an iterative step)
     together: bool = False  # a batch's units run at the same time (each waits for the others: torchrun agents)
+    # units with the same key run on the same worker at every batch (sharded Lloyd: a block's rows stay in its
+    # worker's memory between iterations); None: anywhere
+    affinity: Callable[[Unit], Hashable | None] | None = None
 
     def batches(self, store: RunStore, cfg: PipelineConfig, r: Round) -> Iterator[list[Unit]]:
         """The step's units, batch by batch: one batch, or (``again``) a batch after each until ``todo`` lists
@@ -83,6 +86,16 @@ class Step:
             if not self.again:
                 return
             last = todo
+
+
+def pin_workers(units: Sequence[Unit], key: Callable[[Unit], Hashable | None], workers: Sequence[str]) \
+        -> list[str | None]:
+    """The worker each unit should run on: the units' keys in sorted order dealt round-robin over the sorted
+    ``workers`` (balanced, and the same at every batch listing the same keys); None for a unit without a key."""
+    keys = [key(u) for u in units]
+    order = {k: i for i, k in enumerate(sorted({k for k in keys if k is not None}, key=repr))}
+    pool = sorted(workers)
+    return [pool[order[k] % len(pool)] if k is not None and pool else None for k in keys]
 
 
 def until_done(stage: str, unit: str = "finalize") -> Callable[[RunStore, PipelineConfig, Round], list[str]]:

@@ -79,6 +79,11 @@ def _kmeans(store: RunStore, cfg: PipelineConfig, r: Round, unit: Any, report: A
     return sharded.run_kmeans_unit(store, cfg, r, unit)
 
 
+def _block_of(unit: Any) -> Any:
+    """A sharded Lloyd block's share goes to the same worker at every iteration (which keeps its rows)."""
+    return (unit[0], unit[2]) if isinstance(unit, tuple) and unit[1] == "part" else None
+
+
 def _pca_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[str]:
     return [] if store.is_done(lib.STAGE, r, "pca") else ["pca"]
 
@@ -103,9 +108,11 @@ class ClusterStage(Stage):
             Step("pca", _pca_todo, lambda store, cfg, r, u, rep: white.fit_pca_unit(store, cfg, r)),
             Step("whiten", white.whiten_todo, _discarding(white.whiten_shards), label=sharded.block_label),
             Step("whitened", _whitened_todo, lambda store, cfg, r, u, rep: white.mark_whitened(store, r)),
-            Step("kmeans", sharded.kmeans_todo, _kmeans, label=sharded.kmeans_label, gpu=True, again=True),
+            Step("kmeans", sharded.kmeans_todo, _kmeans, label=sharded.kmeans_label, gpu=True, again=True,
+                 affinity=_block_of),
             Step("assign", sharded.assign_todo, _kmeans, label=sharded.kmeans_label, gpu=True),
-            Step("supers", _supers_todo, _super, label=_super_label, gpu=True, retries=1, again=True),
+            Step("supers", _supers_todo, _super, label=_super_label, gpu=True, retries=1, again=True,
+                 affinity=_block_of),
             Step("finalize", until_done(lib.STAGE), lambda store, cfg, r, u, rep: lib.finalize_cluster(store, cfg, r)),
         ]
 
