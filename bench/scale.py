@@ -231,6 +231,7 @@ def bench_lloyd(args: argparse.Namespace, tmp: Path) -> float:
     from deepercluster.clustering.assign import NearestCentroid
     from deepercluster.clustering.kmeans import ArrayVectors, iterate
     from deepercluster.clustering.sharded import kmeans_todo, load_checkpoint, round_blocks, run_kmeans_unit
+    from deepercluster.stages.base import pin_workers
 
     n, k = args.lloyd_n, args.lloyd_k
     store, cfg, x, state0 = lloyd_store(tmp / "lloyd", n, k, args.shard)
@@ -247,8 +248,10 @@ def bench_lloyd(args: argparse.Namespace, tmp: Path) -> float:
     def iteration() -> float:
         """One sharded iteration as the stage's flow runs it: its blocks' units, then its reduce."""
         t0 = time.perf_counter()
-        units = kmeans_todo(store, cfg, 0)
-        client.gather([client.submit(run_kmeans_unit, store, cfg, 0, u, pure=False) for u in units])
+        units = kmeans_todo(store, cfg, 0)  # the blocks' shares, pinned to workers as the stage's flow does
+        pins = pin_workers(units, lambda u: u[2], list(client.scheduler_info(n_workers=-1)["workers"]))
+        client.gather([client.submit(run_kmeans_unit, store, cfg, 0, u, pure=False, workers=[w],
+                                     allow_other_workers=True) for u, w in zip(units, pins, strict=True)])
         (reduce,) = kmeans_todo(store, cfg, 0)
         client.submit(run_kmeans_unit, store, cfg, 0, reduce, pure=False).result()
         return time.perf_counter() - t0
