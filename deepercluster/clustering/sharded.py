@@ -342,9 +342,21 @@ _CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # thi
 _CACHE_LOCK = threading.Lock()
 
 
+def _in_dask_worker() -> bool:
+    """Whether this process is a Dask worker (which gets the same blocks at every iteration: the flow pins them).
+    A process running every unit itself (``run_stage``) streams instead: caching there would only hold memory."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def _block_rows(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: Block) \
         -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """The job's rows of ``block`` (with their squared norms), kept in this worker's memory between iterations
+    """The job's rows of ``block`` (with their squared norms), kept in a Dask worker's memory between iterations
     while they fit in half of ``runtime.memory_budget_mb`` (least recently used dropped first): the later
     iterations of a sharded Lloyd then read nothing. Keyed by the identity of what made the rows (the whitening,
     and level 1 for a super-cluster's members), so a recomputed input is never served stale. Blocks that do not
@@ -362,7 +374,7 @@ def _block_rows(store: RunStore, cfg: PipelineConfig, r: int, job: Job, block: B
         return
     source = _source(store, cfg, r, job, shards_of(block.unit))
     limit = cfg.runtime.memory_budget_mb * 2**20 / 2
-    if source.n * (4 * source.dim + 4) > limit:
+    if not _in_dask_worker() or source.n * (4 * source.dim + 4) > limit:
         for _, x in source.blocks():
             yield x, None
         return
