@@ -438,3 +438,24 @@ def test_killed_kmeans_resumes_at_its_last_checkpoint(extracted, tmp_path, monke
     assert load_assignments(store, 0).equals(load_assignments(ref_store, 0))
     if block_rows != 80:
         assert store.done_record("cluster", 0, "kmeans-level1")["resumed_at"] == saved
+
+
+def test_moments_of_shard_groups_merge_into_the_whole_samples():
+    """The PCA's moments computed per shard group (each centred on its own first row) and merged give the mean and
+    covariance of all the rows at once; groups follow the sample's size, at most PCA_GROUPS."""
+    from deepercluster.clustering.whitening import PCA_GROUPS, pca_groups
+
+    x = np.random.default_rng(0).normal(size=(3000, 8)) * [1, 2, 3, 4, 5, 6, 7, 8] + 1000.0
+    whole = Moments(8)
+    whole.add(x)
+    merged = Moments(8)
+    for part in np.array_split(x, 5):
+        group = Moments(8)
+        group.add(part)
+        merged.merge(Moments.from_bytes(group.to_bytes()))  # as the pca unit reads the groups' files
+    for a, b in zip(merged.mean_cov(), whole.mean_cov(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-8)
+    assert pca_groups(240, 40, 100_000) == [(0, 5)]  # 240 sampled rows: one group
+    many = pca_groups(10_000_000, 65536, 1_000_000)
+    assert len(many) == PCA_GROUPS and many[0][0] == 0 and many[-1][1] == 152
+    assert all(b[0] == a[1] + 1 for a, b in zip(many[:-1], many[1:], strict=True))  # consecutive, every shard once

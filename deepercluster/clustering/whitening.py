@@ -67,7 +67,8 @@ def checked(block: np.ndarray, store: RunStore, r: int, shard: int, lo: int) -> 
     return x
 
 
-PCA_GROUPS = 16  # shard groups the PCA's moments are split into (fixed: the float64 sums' order is part of the fit)
+PCA_GROUPS = 16  # at most this many shard groups the PCA's moments are split into
+PCA_GROUP_ROWS = 16384  # ... and about one per this many sampled rows (a small run: one unit, not 16 tasks)
 
 
 def moments_unit(group: int) -> str:
@@ -78,11 +79,12 @@ def moments_rel(r: int, group: int) -> str:
     return clusters_rel(r, f"pca/moments-{group:02d}.npz")
 
 
-def pca_groups(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
-    """The PCA's shard groups: at most ``PCA_GROUPS`` runs of consecutive shards, (first, last) inclusive; fixed by
-    the number of rows and the shard size alone."""
+def pca_groups(n: int, rows_per_shard: int, sample: int) -> list[tuple[int, int]]:
+    """The PCA's shard groups, (first, last) inclusive: runs of consecutive shards, one per ``PCA_GROUP_ROWS``
+    sampled rows, at most ``PCA_GROUPS``. Fixed by N, the shard size and ``cluster.pca_sample`` alone (the float64
+    sums' order is part of the fit)."""
     shards = len(shard_ranges(n, rows_per_shard))
-    g = min(PCA_GROUPS, shards)
+    g = max(1, min(PCA_GROUPS, shards, -(-min(n, sample) // PCA_GROUP_ROWS)))
     bounds = [shards * i // g for i in range(g + 1)]
     return [(bounds[i], bounds[i + 1] - 1) for i in range(g)]
 
@@ -105,7 +107,7 @@ def moments_todo(store: RunStore, cfg: PipelineConfig, r: int) -> list[int]:
     if store.is_done(STAGE, r, "pca") or store.exists(pca_rel(r)):
         return []
     array = open_round_features(store, r)
-    groups = pca_groups(int(array.shape[0]), shard_rows(array))
+    groups = pca_groups(int(array.shape[0]), shard_rows(array), cfg.cluster.pca_sample)
     done = set(store.done_units(STAGE, r))
     return [g for g in range(len(groups)) if moments_unit(g) not in done]
 
@@ -115,7 +117,7 @@ def _moments(store: RunStore, cfg: PipelineConfig, r: int, group: int) -> Moment
     array = open_round_features(store, r)
     n, dim = array.shape
     ranges = shard_ranges(n, shard_rows(array))
-    first, last = pca_groups(n, shard_rows(array))[group]
+    first, last = pca_groups(n, shard_rows(array), cfg.cluster.pca_sample)[group]
     sample = pca_sample(cfg, r, n)
     moments = Moments(dim)
     for s in range(first, last + 1):
@@ -141,7 +143,7 @@ def fit_pca_unit(store: RunStore, cfg: PipelineConfig, r: int) -> dict:
     unit writes its own shards). The groups' files are removed once the PCA is saved."""
     features = open_round_features(store, r)
     n, dim = int(features.shape[0]), int(features.shape[1])
-    groups = pca_groups(n, shard_rows(features))
+    groups = pca_groups(n, shard_rows(features), cfg.cluster.pca_sample)
     if store.exists(pca_rel(r)):
         pca, rows = ensure_pca(store, cfg, r), None
     else:
@@ -173,7 +175,7 @@ def ensure_pca(store: RunStore, cfg: PipelineConfig, r: int) -> PCAWhitening:
     if not store.exists(pca_rel(r)):
         array = open_round_features(store, r)
         total = Moments(int(array.shape[1]))
-        for g in range(len(pca_groups(int(array.shape[0]), shard_rows(array)))):
+        for g in range(len(pca_groups(int(array.shape[0]), shard_rows(array), cfg.cluster.pca_sample))):
             total.merge(_moments(store, cfg, r, g))
         store.write_bytes(pca_rel(r), _fit(cfg, total).to_bytes())
     data = store.read_bytes(pca_rel(r))
