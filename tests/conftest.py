@@ -87,3 +87,11 @@ def dask_address(prefect_server):
 
     with dask_scheduler(RuntimeConfig(dask_workers=2)) as address:
         yield address
+
+
+def torchrun_agents(run_uri: str) -> list:
+    """The torchrun agents (``psutil.Process``) training ``run_uri``: the processes to kill in the resume tests."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "torch.distributed.run" in (cmd := p.info["cmdline"] or []) and run_uri in cmd]

@@ -15,22 +15,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import torchrun_agents
 from test_training import make_run
 
 from deepercluster.store import RunStore
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "deepercluster")
-
-
-def _agents(run_uri: str) -> list[psutil.Process]:
-    """The torchrun agents training ``run_uri``."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "torch.distributed.run" in cmd and run_uri in cmd:
-            found.append(p)
-    return found
 
 
 def _until(condition: Callable[[], object], proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -66,7 +57,7 @@ def test_torchrun_runs_on_a_dask_worker_and_stops_with_its_task(image_folder: Pa
         # 1. the flow process is killed mid-training: its Dask task is released and the worker stops torchrun
         proc = start()
         _until(lambda: store.done_units("train", 0), proc, log)
-        (agent,) = _agents(store.uri)
+        (agent,) = torchrun_agents(store.uri)
         (worker_pid,) = client.run(os.getpid).values()
         assert agent.ppid() == worker_pid  # torchrun is the Dask worker's child, not the flow's
         os.killpg(proc.pid, signal.SIGKILL)
@@ -80,7 +71,7 @@ def test_torchrun_runs_on_a_dask_worker_and_stops_with_its_task(image_folder: Pa
         # worker, which resumes from the checkpoints, and the stage ends
         proc = start()
         _until(lambda: len(store.done_units("train", 0)) > len(kept) + 1, proc, log)
-        (agent,) = _agents(store.uri)
+        (agent,) = torchrun_agents(store.uri)
         (worker_pid,) = client.run(os.getpid).values()
         os.kill(worker_pid, signal.SIGKILL)
         _, alive = psutil.wait_procs([agent], timeout=60)

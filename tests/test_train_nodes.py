@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from conftest import torchrun_agents
 from test_training import make_run
 
 from deepercluster.config import RuntimeConfig
@@ -51,16 +52,6 @@ def _run(tmp_path: Path, image_folder: Path) -> RunStore:
 
 def _records(store: RunStore) -> dict[str, dict]:
     return {u: store.done_record("train", 0, u) for u in store.done_units("train", 0)}
-
-
-def _agents(run_uri: str) -> list[psutil.Process]:
-    """The torchrun agents training ``run_uri`` (each is the direct child of the Dask worker running its unit)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if "torch.distributed.run" in cmd and run_uri in cmd:
-            found.append(p)
-    return found
 
 
 def _until(condition: Callable[[], object], alive: Callable[[], bool], timeout: float = 240) -> None:
@@ -149,7 +140,7 @@ def test_a_lost_node_is_relaunched_and_training_resumes(
     runner = threading.Thread(target=flow, daemon=True)
     runner.start()
     _until(lambda: any(u.startswith("iter-") for u in store.done_units("train", 0)), runner.is_alive)
-    agents = _agents(store.uri)
+    agents = torchrun_agents(store.uri)
     assert len(agents) == 2
     # the agent that does not host the rendezvous: the survivor keeps the rendezvous and waits for the relaunch
     (agent,) = [a for a in agents if "--rdzv-conf=is_host=false" in a.cmdline()]
