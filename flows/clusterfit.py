@@ -31,7 +31,7 @@ def clusterfit_flow(run: str, config: dict[str, Any] | None = None, dask_address
         source = clusterfit_tasks.prepare_source(run)
         logger.info("clusterfit %s: source %s (%s) -> k-means k=%d -> new %s", store.uri, cfg.clusterfit.checkpoint,
                     cfg.clusterfit.model.arch, cfg.cluster.k, cfg.model.arch)
-        with dask_scheduler(cfg.runtime, dask_address) as address:
+        with dask_scheduler(cfg.runtime, dask_address, torchrun_agents=cfg.train.nnodes > 1) as address:
             for name in ("shard", "extract", "cluster"):
                 stage_flow(source, name, 0, dask_address=address)
             source_metrics = stage_flow(source, "evaluate", 0, dask_address=address)

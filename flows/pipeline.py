@@ -68,7 +68,8 @@ def pipeline_flow(run: str, config: dict[str, Any] | None = None, dask_address: 
         metrics = []
         run_tags = (f"run:{run_name(run)}", f"method:{cfg.method}")
         tag_this_flow_run(*run_tags)
-        with dask_scheduler(cfg.runtime, dask_address) as address, tags(*run_tags):
+        nodes = cfg.train.nnodes > 1
+        with dask_scheduler(cfg.runtime, dask_address, torchrun_agents=nodes) as address, tags(*run_tags):
             on_dask = stage_flow.with_options(task_runner=dask_runner(address))  # one flow run per stage run
             for stage, r in run_sequence(cfg):
                 publish_summary(run, f"{stage.name}" if r is None else f"round {r} of {cfg.rounds}: {stage.name}")

@@ -70,7 +70,7 @@ def stage_flow(run: str, stage: str, round: int = 0, force: bool = False,
         logger.info("%s of %s%s", label, store.uri, " (force)" if force else "")
         if _on_dask() and dask_address:  # one flow run per stage: its units are this flow's own tasks
             return run_steps(run, stage, r, dask_address)
-        with dask_scheduler(cfg.runtime, dask_address) as address:
+        with dask_scheduler(cfg.runtime, dask_address, torchrun_agents=cfg.train.nnodes > 1) as address:
             units = _stage_units.with_options(task_runner=dask_runner(address), flow_run_name=f"{label} units")
             return units(run, stage, r, address)
 

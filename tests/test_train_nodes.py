@@ -41,7 +41,7 @@ def cluster(prefect_server) -> Iterator[tuple[str, Any]]:
 
     from flows.dask_runtime import dask_scheduler
 
-    with dask_scheduler(RuntimeConfig(dask_workers=3)) as address, Client(address) as client:
+    with dask_scheduler(RuntimeConfig(dask_workers=3), torchrun_agents=True) as address, Client(address) as client:
         yield address, client
 
 

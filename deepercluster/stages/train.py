@@ -4,7 +4,7 @@ One node (``train.nnodes = 1``): one unit, ``train``, this node's torchrun agent
 GPU = ``train.nproc`` with ``runtime.gpu_workers``); the trainer records the stage done; a retry resumes from the
 last checkpoint. Several nodes: units ``node-0`` .. ``node-<n-1>`` that run at the same time, each agent on its own
 Dask worker (GPU = ``train.nproc`` with ``runtime.gpu_workers``, else the resource ``TORCHRUN`` = 1, which each
-worker of a LocalCluster started here holds once), meeting at the rendezvous ``node-0`` publishes
+worker of a LocalCluster started for a multi-node run holds once), meeting at the rendezvous ``node-0`` publishes
 (:mod:`deepercluster.training.nodes`); each records itself, then the ``finalize`` step records the stage."""
 
 from __future__ import annotations
