@@ -484,10 +484,10 @@ def super_sizes(store: RunStore, r: int, m: int) -> np.ndarray:
     return sizes
 
 
-def super_todo(store: RunStore, cfg: PipelineConfig, r: int, s: int, members: int) -> list[Unit] | None:
-    """The units super-cluster ``s`` still needs when its members exceed a worker's budget (sharded Lloyd, then its
-    labels per block); [] once they are all done (its one unit then files them); None when it fits a worker."""
-    dim = int(open_whitened(store, r).shape[1])
+def super_todo(store: RunStore, cfg: PipelineConfig, r: int, s: int, members: int, dim: int) -> list[Unit] | None:
+    """The units super-cluster ``s`` (``members`` vectors of width ``dim``) still needs when it exceeds a worker's
+    budget (sharded Lloyd, then its labels per block); [] once they are all done (its one unit then files them);
+    None when it fits a worker."""
     if fits_in_memory(cfg, members, dim):
         return None
     job = super_job(cfg, r, s)

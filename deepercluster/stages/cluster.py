@@ -40,11 +40,12 @@ def _supers_todo(store: RunStore, cfg: PipelineConfig, r: Round) -> list[Any]:
     done -= set(store.redo_bad_units(lib.STAGE, r, supers))
     m = cfg.cluster.super_clusters
     sizes = sharded.super_sizes(store, r, m) if m > 1 else None
+    dim = int(white.open_whitened(store, r).shape[1]) if m > 1 else 0  # read once per listing, not per super
     out: list[Any] = []
     for s in range(m):
         if lib.super_unit(s) in done:
             continue
-        phases = None if sizes is None else sharded.super_todo(store, cfg, r, s, int(sizes[s]))
+        phases = None if sizes is None else sharded.super_todo(store, cfg, r, s, int(sizes[s]), dim)
         out += phases or [s]
     return out
 
